@@ -1,0 +1,93 @@
+"""Input transforms that run as batched tensor operations on the training device.
+
+:class:`ImageAugment` implements the standard CIFAR augmentation (random 32×32 crop of the image zero-padded by 4 pixels,
+horizontal flip with probability 1/2) followed by per-channel normalisation. Crop and flip are one gather on the whole
+batch — no PIL, no per-sample Python loop. The crop offsets and flips of an epoch are a pure function of
+``(seed, epoch, sample index)``, so a run is reproducible and a teacher-output cache can replay them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kdlab.seeding import generator
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample augmentation of one epoch: crop offsets ``dy, dx`` in [0, 2·pad] and ``flip`` flags."""
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+
+
+@dataclass
+class ImageAugment:
+    """Random crop with zero padding + horizontal flip, then normalisation, on uint8 N×C×H×W batches."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_samples: int
+    pad: int = 4
+    flip: bool = True
+    enabled: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def epoch_params(self, seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> AugmentParams:
+        """Augmentation parameters of every sample for one epoch (drawn once per epoch, indexed per batch)."""
+        key = (seed, epoch, n, str(device))
+        if key not in self._cache:
+            g = generator(seed, "augment", epoch)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+            fl = torch.randint(0, 2, (n,), generator=g).bool() if self.flip else torch.zeros(n, dtype=torch.bool)
+            self._cache.clear()  # keep only the current epoch
+            self._cache[key] = AugmentParams(dy.to(device), dx.to(device), fl.to(device))
+        return self._cache[key]
+
+    def crop_flip(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Apply per-sample crop offsets and flips to a uint8 batch; returns a channels-last uint8 batch."""
+        b, _, h, w = x.shape
+        p = self.pad
+        xp = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # N×(H+2p)×(W+2p)×C, zero padded
+        ar_h = torch.arange(h, device=x.device)
+        ar_w = torch.arange(w, device=x.device)
+        rows = params.dy[:, None] + ar_h[None, :]  # B×H
+        cols = torch.where(params.flip[:, None], w - 1 - ar_w[None, :], ar_w[None, :]) + params.dx[:, None]  # B×W
+        out = xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]  # B×H×W×C
+        return out.permute(0, 3, 1, 2)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 → float, scaled to [0, 1] and standardised per channel."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float().div_(255.0) - mean) / std
+
+    def train_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        if self.enabled:
+            params = self.epoch_params(seed, epoch, self.num_samples, x.device)
+            sel = AugmentParams(params.dy[index], params.dx[index], params.flip[index])
+            x = self.crop_flip(x, sel)
+        return self.normalize(x)
+
+    def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x)
+
+
+@dataclass
+class VectorTransform:
+    """Identity transform for data stored ready to use (e.g. standardised MNIST-1D vectors)."""
+
+    def train_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        return x
+
+    def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x

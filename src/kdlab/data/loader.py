@@ -1,0 +1,48 @@
+"""Batch iteration over resident tensors: yields ``(x, y, index)`` with the transform already applied."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from kdlab.data.base import Split, Transform
+from kdlab.seeding import generator
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The shuffled sample order of one epoch: a pure function of ``(seed, epoch)``."""
+    return torch.randperm(n, generator=generator(seed, "shuffle", epoch)).to(device)
+
+
+def batches(
+    split: Split,
+    transform: Transform,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    indices: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y, index)`` batches of ``split``.
+
+    Training batches follow :func:`epoch_order` and are augmented; evaluation batches are in order and only
+    normalised. ``indices`` restricts iteration to a subset (e.g. one rank's shard), ``start_batch`` skips batches.
+    The last partial batch is kept.
+    """
+    device = split.x.device
+    if indices is None:
+        order = epoch_order(len(split), seed, epoch, device) if train else torch.arange(len(split), device=device)
+    else:
+        order = indices.to(device)
+    for start in range(start_batch * batch_size, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = split.x[idx]
+        x = transform.train_batch(x, idx, seed, epoch) if train else transform.eval_batch(x)
+        yield x, split.y[idx], idx
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size

@@ -1,0 +1,83 @@
+"""MNIST-1D (Greydanus & Kobak): 10-class 1-D signals of length 40, generated locally by the ``mnist1d`` package.
+
+The default (5,000 samples, 80/20 split) gives the standard 4,000 train / 1,000 test sets. The generated arrays are
+cached on disk as ``.npz`` (no pickles) and standardised with the training set's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kdlab.data.augment import VectorTransform
+from kdlab.data.base import DATASETS, Dataset, Split
+from kdlab.errors import DataError
+
+if TYPE_CHECKING:
+    from kdlab.config import DataConfig
+
+MNIST1D_SEED = 42  # the package's default data seed: the standard MNIST-1D
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KDLAB_CACHE", Path.home() / ".cache" / "kdlab"))
+
+
+def generate_mnist1d(num_samples: int = 5000, train_split: float = 0.8) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D with the ``mnist1d`` package, leaving the global random states untouched."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.train_split = train_split
+    args.seed = MNIST1D_SEED
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {"x": d["x"], "y": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
+
+
+def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, root: str | Path | None = None) -> Dataset:
+    """Load (generating and caching on first use) the standardised MNIST-1D dataset."""
+    root = Path(root) if root else default_cache_dir()
+    path = root / f"mnist1d_n{num_samples}_split{train_split:g}_seed{MNIST1D_SEED}.npz"
+    arrays = None
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:  # a damaged cache is regenerated, never trusted
+            arrays = None
+    if arrays is None:
+        arrays = generate_mnist1d(num_samples, train_split)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # caching is an optimisation; an unwritable cache folder is not an error
+    x = torch.from_numpy(arrays["x"].astype(np.float32))
+    x_test = torch.from_numpy(arrays["x_test"].astype(np.float32))
+    if len(x) == 0 or len(x_test) == 0:
+        raise DataError(f"MNIST-1D with num_samples={num_samples}, train_split={train_split} has an empty split")
+    mean, std = x.mean(), x.std()
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    y = torch.from_numpy(arrays["y"].astype(np.int64))
+    y_test = torch.from_numpy(arrays["y_test"].astype(np.int64))
+    return Dataset("mnist1d", Split(x, y), Split(x_test, y_test), 10, VectorTransform())
+
+
+@DATASETS.register("mnist1d")
+def _build(cfg: DataConfig) -> Dataset:
+    return load_mnist1d(cfg.num_samples, cfg.train_split, cfg.root)

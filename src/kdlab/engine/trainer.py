@@ -1,0 +1,308 @@
+"""The training loop shared by ``kdlab train`` (labels only) and ``kdlab distill`` (frozen teacher + method).
+
+Everything random in a run is a pure function of ``(seed, purpose, epoch)``: initialisation, the shuffle order and
+the augmentation of every epoch. A checkpoint is written after every epoch, so ``resume`` restarts the interrupted
+epoch from the last finished one and ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdlab.config import RunConfig, save_config
+from kdlab.data import Dataset, batches, build_dataset
+from kdlab.data.loader import num_batches
+from kdlab.engine import checkpoint as ck
+from kdlab.engine.atomic import atomic_write_text
+from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
+from kdlab.engine.schedule import lr_at
+from kdlab.errors import ConfigError, KdlabError
+from kdlab.methods import Method, build_method
+from kdlab.models import ModelOutput, build, num_params
+from kdlab.seeding import derive_seed, seed_everything
+
+
+class NonFiniteLossError(KdlabError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+    return dev
+
+
+def load_teacher(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """Build the teacher named in ``cfg.teacher`` and load its weights (strict, with one-line errors)."""
+    assert cfg.teacher is not None
+    path = ck.resolve_weights_path(cfg.teacher.checkpoint)
+    teacher = build(cfg.teacher.name, num_classes=num_classes)
+    ck.load_into(teacher, ck.load_weights_file(path), cfg.teacher.name, f"teacher checkpoint {path}")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> ModelOutput:
+    return model.forward_features(x)  # type: ignore[operator]
+
+
+class Trainer:
+    """Prepares a run (validating everything before touching the output folder) and runs it.
+
+    ``dataset``, ``student`` and ``teacher`` may be passed in to reuse objects across runs (the demo does);
+    otherwise they are built from the config.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        dataset: Dataset | None = None,
+        teacher: nn.Module | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.log = log or (lambda msg: None)
+        check_out_dir(self.out, resume=resume, overwrite=overwrite)
+        if resume:
+            self._check_same_config()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.device = select_device(cfg.train.device)
+
+        self.method: Method = build_method(cfg.method.name, cfg.method.params())
+        if self.method.needs_teacher and cfg.teacher is None:
+            raise ConfigError(f"method '{cfg.method.name}' needs a teacher: set teacher.name and teacher.checkpoint")
+        data = dataset if dataset is not None else build_dataset(cfg.data)
+        self.data = data.to(self.device)
+        seed_everything(derive_seed(cfg.seed, "init"))
+        self.student = build(cfg.model.name, num_classes=data.num_classes).to(self.device)
+        self.teacher: nn.Module | None = None
+        if self.method.needs_teacher:
+            self.teacher = (teacher if teacher is not None else load_teacher(cfg, data.num_classes)).to(self.device)
+            self.teacher.eval().requires_grad_(False)
+        example = self.data.transform.eval_batch(self.data.train.x[:2])
+        self.method.setup(self.student, self.teacher, example)
+        self.method.to(self.device)
+        params = list(self.student.parameters()) + list(self.method.parameters())
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
+        )
+        if overwrite:
+            clear_run(self.out)
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _check_same_config(self) -> None:
+        from kdlab.config import read_yaml
+
+        saved = read_yaml(self.out / "config.yaml")
+        now = self.cfg.to_dict()
+        ignore = {"train.progress", "train.threads", "train.device", "train.epochs"}
+        diff = _first_difference(saved, now, ignore)
+        if diff:
+            raise ConfigError(f"--resume with a different config: '{diff}' differs from {self.out / 'config.yaml'}")
+
+    def _state(self, epoch: int, extra: dict[str, Any]) -> ck.TrainState:
+        tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        tensors.update({f"method.{k}": v for k, v in self.method.state_dict().items()})
+        opt_tensors, opt_meta = ck.optimizer_to_state(self.optimizer)
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        return ck.TrainState(tensors, dict(extra, optimizer=opt_meta))
+
+    def _restore(self, state: ck.TrainState) -> None:
+        t = state.tensors
+        self.student.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("student.")})
+        self.method.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("method.")})
+        ck.optimizer_from_state(self.optimizer, t, state.meta["optimizer"])
+        torch.set_rng_state(t["rng.torch"])
+
+    @torch.inference_mode()
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Top-1 accuracy (%) and cross-entropy of the method's test-time prediction on a split."""
+        data = getattr(self.data, split)
+        self.student.eval()
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        for x, y, _ in batches(data, self.data.transform, self.cfg.train.eval_batch_size, train=False):
+            logits = self.method.predict(_features(self.student, x))
+            correct += (logits.argmax(1) == y).sum()
+            loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        n = len(data)
+        return {"acc": 100.0 * correct.item() / n, "loss": loss.item() / n}
+
+    @torch.inference_mode()
+    def _teacher_forward(self, x: torch.Tensor) -> ModelOutput:
+        assert self.teacher is not None
+        return _features(self.teacher, x)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(epoch, cfg.optim.lr, cfg.train.epochs, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch))  # dropout etc.: a function of (seed, epoch) too
+        self.student.train()
+        self.method.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.device)
+        n = len(self.data.train)
+        it = batches(self.data.train, self.data.transform, cfg.train.batch_size, train=True, seed=cfg.seed, epoch=epoch)
+        bar = tqdm(
+            it, total=num_batches(n, cfg.train.batch_size), desc=f"epoch {epoch}/{cfg.train.epochs}",
+            leave=False, disable=not cfg.train.progress, dynamic_ncols=True,
+        )  # fmt: skip
+        for step, (x, y, _idx) in enumerate(bar):
+            t_out = None
+            if self.teacher is not None:
+                t_out = ModelOutput(*(t.clone() for t in self._teacher_forward(x)))
+            s_out = _features(self.student, x)
+            terms = self.method.losses(s_out, t_out, y, epoch)
+            loss = sum(terms.values())
+            assert isinstance(loss, torch.Tensor)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                bs = len(y)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach() * bs
+                sums["loss"] = sums.get("loss", torch.zeros((), device=self.device)) + loss.detach() * bs
+                correct += (s_out.logits.argmax(1) == y).sum()
+            if step % 50 == 0 and not math.isfinite(loss.item()):
+                self._raise_non_finite(terms, epoch, step)
+        out = {f"train_{k}": v.item() / n for k, v in sums.items()}
+        if not math.isfinite(out["train_loss"]):
+            self._raise_non_finite({k[6:]: torch.tensor(v) for k, v in out.items()}, epoch, None)
+        out["train_acc"] = 100.0 * correct.item() / n
+        out["lr"] = lr
+        return out
+
+    def _raise_non_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int | None) -> None:
+        bad = next((k for k, v in terms.items() if not torch.isfinite(v).all()), "loss")
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+        raise NonFiniteLossError(f"non-finite loss term '{bad}' at {where}; last good checkpoint kept in {self.out}")
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = self.out / "checkpoints"
+        metrics = MetricsLog(self.out)
+        start, best_acc, best_epoch, wall, imgs, train_time = 0, -1.0, 0, 0.0, 0, 0.0
+        teacher_acc = None
+        state = ck.load_latest(ckpt_dir) if self.resume else None
+        if state is not None:
+            self._restore(state)
+            m = state.meta
+            start, best_acc, best_epoch = m["epoch"], m["best_acc"], m["best_epoch"]
+            wall, imgs, train_time, teacher_acc = m["wall_time_s"], m["train_images"], m["train_time_s"], m["teacher_acc"]
+            self.log(f"resuming {self.out} after epoch {start}")
+        else:
+            save_config(cfg, self.out / "config.yaml")
+            if self.teacher is not None:
+                teacher_acc = self._teacher_accuracy()
+                self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}%")  # type: ignore[union-attr]
+        metrics.restore(start)
+        for epoch in range(start + 1, cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(self.train_epoch(epoch))
+            t_train = time.perf_counter() - t0
+            ev = self.evaluate("test")
+            row.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            dt = time.perf_counter() - t0
+            wall += dt
+            train_time += t_train
+            imgs += len(self.data.train)
+            row.update(epoch_time_s=round(dt, 3), images_per_s=round(len(self.data.train) / t_train, 1))
+            if ev["acc"] > best_acc:
+                best_acc, best_epoch = ev["acc"], epoch
+                ck.save_weights(self.out / "best.safetensors", self.student.state_dict())
+            metrics.append(row)
+            self.log(
+                f"epoch {epoch}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
+                f"test {ev['acc']:.2f}%  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+            )
+            meta = dict(
+                best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
+                train_time_s=train_time, teacher_acc=teacher_acc,
+            )  # fmt: skip
+            ck.save_train_state(ckpt_dir, epoch, self._state(epoch, meta), keep=cfg.train.keep_checkpoints)
+        final = self.evaluate("test")
+        ck.save_weights(self.out / "model.safetensors", self.student.state_dict())
+        summary = {
+            "model": cfg.model.name,
+            "method": cfg.method.name,
+            "teacher": cfg.teacher.name if cfg.teacher else None,
+            "teacher_test_acc": teacher_acc,
+            "dataset": cfg.data.name,
+            "seed": cfg.seed,
+            "epochs": cfg.train.epochs,
+            "final_test_acc": final["acc"],
+            "best_test_acc": best_acc,
+            "best_epoch": best_epoch,
+            "num_params": num_params(self.student),
+            "wall_time_s": round(wall, 2),
+            "train_images_per_s": round(imgs / train_time, 1) if train_time else None,
+            "device": str(self.device),
+        }
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        return RunResult(self.out, summary)
+
+    @torch.inference_mode()
+    def _teacher_accuracy(self) -> float:
+        assert self.teacher is not None
+        correct = 0
+        for x, y, _ in batches(self.data.test, self.data.transform, self.cfg.train.eval_batch_size, train=False):
+            correct += int((self._teacher_forward(x).logits.argmax(1) == y).sum())
+        return 100.0 * correct / len(self.data.test)
+
+
+def _first_difference(a: Any, b: Any, ignore: set[str], prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if key in ignore:
+                continue
+            d = _first_difference(a.get(k), b.get(k), ignore, key)
+            if d:
+                return d
+        return None
+    return None if a == b else prefix
+
+
+def run(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, **kwargs: Any
+) -> RunResult:
+    """Train (or distill, when the method needs a teacher) as described by ``cfg``; returns the run summary."""
+    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, **kwargs).run()

@@ -1,0 +1,49 @@
+"""Method base class: a small ``nn.Module`` that owns its learnable parts and returns named, weighted loss terms."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdlab.models.base import ModelOutput
+from kdlab.registry import Registry
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter schema (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method(nn.Module):
+    """A distillation (or plain training) objective.
+
+    Subclasses define ``Params`` (a pydantic schema of their hyper-parameters), set ``needs_teacher`` and implement
+    :meth:`losses`. Learnable parts (connectors, temperatures) are sub-modules and train with the student.
+    """
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, params: MethodParams) -> None:
+        super().__init__()
+        self.params = params
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
+        """Build parts whose shapes depend on the models (called once with an example batch)."""
+
+    def losses(
+        self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """Named loss terms, already weighted; the training loss is their sum."""
+        raise NotImplementedError
+
+    def predict(self, student: ModelOutput) -> torch.Tensor:
+        """Test-time logits (the student's own by default)."""
+        return student.logits
+
+
+METHODS: Registry[type[Method]] = Registry("method")

@@ -158,7 +158,19 @@ class RunConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    instruments: list[str] = Field(
+        default_factory=list, description="per-epoch measurements recorded into metrics.jsonl (kdlab.engine.callbacks)"
+    )
     meta: dict[str, Any] = Field(default_factory=dict, description="free-form notes (paper numbers, tags)")
+
+    @field_validator("instruments")
+    @classmethod
+    def _known_instruments(cls, v: list[str]) -> list[str]:
+        from kdlab.engine.callbacks import CALLBACKS
+
+        for name in v:
+            CALLBACKS.get(name)
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -24,6 +24,7 @@ from kdlab.data import Dataset, batches, build_dataset
 from kdlab.data.loader import num_batches
 from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import atomic_write_text
+from kdlab.engine.callbacks import CALLBACKS, Callback
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
 from kdlab.errors import ConfigError, KdlabError
@@ -81,6 +82,7 @@ class Trainer:
         overwrite: bool = False,
         dataset: Dataset | None = None,
         teacher: nn.Module | None = None,
+        callbacks: list[Callback] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -115,6 +117,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
         )
+        self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
         if overwrite:
             clear_run(self.out)
 
@@ -233,6 +236,8 @@ class Trainer:
                 teacher_acc = self._teacher_accuracy()
                 self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}%")  # type: ignore[union-attr]
         metrics.restore(start)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         for epoch in range(start + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch}
@@ -245,6 +250,8 @@ class Trainer:
             train_time += t_train
             imgs += len(self.data.train)
             row.update(epoch_time_s=round(dt, 3), images_per_s=round(len(self.data.train) / t_train, 1))
+            for cb in self.callbacks:
+                row.update(cb.on_epoch_end(self, epoch))
             if ev["acc"] > best_acc:
                 best_acc, best_epoch = ev["acc"], epoch
                 ck.save_weights(self.out / "best.safetensors", self.student.state_dict())

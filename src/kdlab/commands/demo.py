@@ -1,0 +1,24 @@
+"""``kdlab demo``: the MNIST-1D walk-through (see :mod:`kdlab.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kdlab.cli import command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per student method (default: 3)")
+    p.add_argument("--teacher-epochs", type=int, default=30, help="teacher epochs (default: 30)")
+    p.add_argument("--student-epochs", type=int, default=40, help="student epochs (default: 40)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of reusing finished runs in --out")
+
+
+@command("demo", "MNIST-1D: train a CNN teacher, then distill an MLP with CE / KD / MSE over seeds", _args)
+def demo(args: argparse.Namespace) -> int:
+    from kdlab.demo import run_demo
+
+    run_demo(args.out, seeds=args.seeds, teacher_epochs=args.teacher_epochs,
+             student_epochs=args.student_epochs, overwrite=args.overwrite)  # fmt: skip
+    return 0

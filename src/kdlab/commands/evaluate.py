@@ -1,0 +1,51 @@
+"""``kdlab eval``: accuracy of a weights file on a dataset split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kdlab.cli import command
+from kdlab.errors import KdlabError
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .safetensors file or a kdlab run directory")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.add_argument("--config", help="recipe describing data and model (default: the run directory's config.yaml)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to evaluate (default: test)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
+@command("eval", "evaluate a weights file (.safetensors or run directory)", _args, config_epilog=True)
+def evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdlab.config import load_config
+    from kdlab.data import batches, build_dataset
+    from kdlab.engine import checkpoint as ck
+    from kdlab.engine.trainer import select_device
+    from kdlab.models import build
+
+    path = ck.resolve_weights_path(args.checkpoint)
+    config = args.config
+    if config is None:
+        config = Path(args.checkpoint) / "config.yaml"
+        if not config.is_file():
+            raise KdlabError("--config is required unless CHECKPOINT is a kdlab run directory")
+    cfg = load_config(config, args.overrides)
+    device = select_device(cfg.train.device)
+    data = build_dataset(cfg.data).to(device)
+    model = build(cfg.model.name, num_classes=data.num_classes)
+    ck.load_into(model, ck.load_weights_file(path), cfg.model.name, f"checkpoint {path}")
+    model.to(device).eval()
+    split = getattr(data, args.split)
+    correct = 0
+    with torch.inference_mode():
+        for x, y, _ in batches(split, data.transform, cfg.train.eval_batch_size, train=False):
+            correct += int((model(x).argmax(1) == y).sum())
+    acc = 100.0 * correct / len(split)
+    result = {"checkpoint": str(path), "model": cfg.model.name, "split": args.split, "n": len(split), "acc": acc}
+    print(json.dumps(result) if args.json else f"{cfg.model.name} {args.split} accuracy: {acc:.2f}% (n={len(split)})")
+    return 0

@@ -90,7 +90,7 @@ class MethodConfig(BaseModel):
         try:
             params = cls.Params(**extra)
         except ValidationError as err:
-            raise ValueError(_first_error(err, prefix="", model=cls.Params)) from None
+            raise ValueError(_QUALIFIED + _first_error(err, prefix="method", model=cls.Params)) from None
         for key, value in params.model_dump().items():
             setattr(self, key, value)
         return self
@@ -180,20 +180,24 @@ class RunConfig(_Strict):
 # loading, overrides, error messages
 
 
+_QUALIFIED = "\u2063"  # invisible marker: the message already names its full key
+
+
 def _first_error(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"]]
     key = ".".join(([prefix] if prefix else []) + loc)
     if e["type"] == "extra_forbidden":
-        choices = _fields_at(model or RunConfig, loc[:-1])
-        return f"unknown key '{key}'{did_you_mean(loc[-1], choices)}"
+        parent = key[: -len(loc[-1])]
+        choices = [parent + c for c in _fields_at(model or RunConfig, loc[:-1])]
+        return f"unknown key '{key}'{did_you_mean(key, choices)}"
     if e["type"] == "missing":
         return f"missing required key '{key}'"
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    if msg.startswith("unknown key "):  # nested method-parameter error, already formatted
-        return msg.replace("unknown key '", f"unknown key '{key}.", 1) if key else msg
+    if msg.startswith(_QUALIFIED):  # nested method-parameter error, already formatted with its full key
+        return msg[len(_QUALIFIED) :]
     got = e.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
     return f"{key}: {msg}{shown}" if key else f"{msg}{shown}"

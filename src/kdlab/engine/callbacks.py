@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 class Callback:
     """Base class: override what you need. One instance per run."""
 
+    def setup(self, trainer: Trainer) -> None:
+        """Called at the end of ``Trainer.__init__``, before anything is written: raise a KdlabError to refuse."""
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first epoch of this process (also after a resume)."""
 

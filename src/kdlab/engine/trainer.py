@@ -118,6 +118,8 @@ class Trainer:
             params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
         )
         self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
+        for cb in self.callbacks:
+            cb.setup(self)  # validation only: nothing on disk has been touched yet
         if overwrite:
             clear_run(self.out)
 

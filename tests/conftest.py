@@ -1,0 +1,67 @@
+"""Shared fixtures: a session-wide MNIST-1D cache, small recipes, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "src" / "kdlab" / "configs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generate MNIST-1D once per test session into a private cache folder."""
+    cache = tmp_path_factory.mktemp("kdlab_cache")
+    os.environ["KDLAB_CACHE"] = str(cache)
+    return cache
+
+
+SMALL = [
+    "data.num_samples=1000",  # 800 train / 200 test
+    "train.epochs=2",
+    "train.batch_size=50",
+    "train.progress=false",
+    "train.threads=1",
+]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run ``kdlab`` in-process; returns (exit code, stdout, stderr)."""
+    from kdlab.cli import main
+
+    def run(*args: str, capsys=None):
+        return main([str(a) for a in args])
+
+    return run
+
+
+def run_kdlab(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m kdlab`` in a subprocess (exit codes and output exactly as a user sees them)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "kdlab", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory, _mnist1d_cache) -> Path:
+    """A small trained MNIST-1D CNN teacher run directory (shared by the distillation tests)."""
+    from kdlab.config import load_config
+    from kdlab.engine import run
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = load_config(CONFIGS / "mnist1d" / "teacher_cnn.yaml", SMALL + ["train.epochs=3"])
+    run(cfg, out)
+    return out

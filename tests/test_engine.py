@@ -109,7 +109,7 @@ def test_overwrite_replaces_only_after_validation(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
-    with pytest.raises(KdlabError, match=r"non-finite loss term 'ce' at epoch 1"):
+    with pytest.raises(KdlabError, match=r"non-finite loss \(term 'ce'\) at epoch 1, step \d+; stopped"):
         run(_cfg("optim.lr=1e30", "optim.momentum=0"), tmp_path / "r")
 
 

@@ -31,6 +31,10 @@ class CheckpointError(KdlabError):
     """A checkpoint that is missing, corrupted or does not fit the model."""
 
 
+class WriteError(KdlabError):
+    """Writing results failed (disk full, permissions); what was there before is left intact."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,12 +25,13 @@ def batches(
     epoch: int = 0,
     start_batch: int = 0,
     indices: torch.Tensor | None = None,
+    shard: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y, index)`` batches of ``split``.
 
     Training batches follow :func:`epoch_order` and are augmented; evaluation batches are in order and only
-    normalised. ``indices`` restricts iteration to a subset (e.g. one rank's shard), ``start_batch`` skips batches.
-    The last partial batch is kept.
+    normalised. ``indices`` restricts iteration to a subset, ``start_batch`` skips batches, ``shard`` maps each
+    global batch of indices to this process's part of it (multi-process training). The last partial batch is kept.
     """
     device = split.x.device
     if indices is None:
@@ -39,6 +40,8 @@ def batches(
         order = indices.to(device)
     for start in range(start_batch * batch_size, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if shard is not None:
+            idx = shard(idx)
         x = split.x[idx]
         x = transform.train_batch(x, idx, seed, epoch) if train else transform.eval_batch(x)
         yield x, split.y[idx], idx

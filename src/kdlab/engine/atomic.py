@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from kdlab.errors import WriteError
+
 
 def fsync_dir(path: Path) -> None:
     try:
@@ -22,20 +24,28 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> str:
-    """Atomically replace ``path`` with ``data``; returns the SHA-256 hex digest of what was written."""
+    """Atomically replace ``path`` with ``data``; returns the SHA-256 hex digest of what was written.
+
+    On any failure (e.g. a full disk) the temporary file is removed, the old ``path`` is left as it was and a
+    one-line :class:`~kdlab.errors.WriteError` is raised.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(err, OSError):
+            raise WriteError(f"could not write {path}: {err.strerror or err}; the previous version is intact") from None
         raise
     fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()

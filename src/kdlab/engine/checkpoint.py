@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from kdlab.engine.atomic import atomic_write_bytes, atomic_write_text, fsync_dir, sha256_file
-from kdlab.errors import CheckpointError
+from kdlab.errors import CheckpointError, WriteError
 
 FORMAT = "kdlab-checkpoint-v1"
 
@@ -64,6 +64,9 @@ def resolve_weights_path(path: str | Path) -> Path:
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
     """Strictly load ``state`` into ``model`` with a one-line error naming the first mismatch."""
+    adapt = getattr(model, "adapt_to_state_dict", None)
+    if callable(adapt):  # e.g. attach the reused-classifier head a SimKD/IJCKD student was saved with
+        adapt(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -120,13 +123,13 @@ def optimizer_from_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 def save_train_state(ckpt_dir: Path, epoch: int, state: TrainState, keep: int = 2) -> Path:
     """Write ``ckpt_dir/epoch_NNNN`` atomically and prune all but the newest ``keep`` checkpoints."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"epoch_{epoch:04d}"
     tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         digest = save_weights(tmp / "state.safetensors", state.tensors)
         meta = dict(state.meta, format=FORMAT, epoch=epoch, tensors_sha256=digest)
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
@@ -135,8 +138,10 @@ def save_train_state(ckpt_dir: Path, epoch: int, state: TrainState, keep: int = 
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(ckpt_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise WriteError(f"could not write checkpoint {final}: {err.strerror or err}; earlier ones are intact") from None
         raise
     for old in list_checkpoints(ckpt_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)

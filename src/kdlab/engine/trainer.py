@@ -25,6 +25,7 @@ from kdlab.data.loader import num_batches
 from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.callbacks import CALLBACKS, Callback
+from kdlab.engine.distributed import DistInfo, init_distributed, shard
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
 from kdlab.errors import ConfigError, KdlabError
@@ -56,7 +57,7 @@ def load_teacher(cfg: RunConfig, num_classes: int) -> nn.Module:
     """Build the teacher named in ``cfg.teacher`` and load its weights (strict, with one-line errors)."""
     assert cfg.teacher is not None
     path = ck.resolve_weights_path(cfg.teacher.checkpoint)
-    teacher = build(cfg.teacher.name, num_classes=num_classes)
+    teacher = build(cfg.teacher, num_classes=num_classes)
     ck.load_into(teacher, ck.load_weights_file(path), cfg.teacher.name, f"teacher checkpoint {path}")
     teacher.eval().requires_grad_(False)
     return teacher
@@ -64,6 +65,21 @@ def load_teacher(cfg: RunConfig, num_classes: int) -> nn.Module:
 
 def _features(model: nn.Module, x: torch.Tensor) -> ModelOutput:
     return model.forward_features(x)  # type: ignore[operator]
+
+
+class Objective(nn.Module):
+    """Student + method as one module, so that DistributedDataParallel syncs the gradients of both."""
+
+    def __init__(self, student: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(
+        self, x: torch.Tensor, teacher: ModelOutput | None, target: torch.Tensor, epoch: int
+    ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+        s_out = _features(self.student, x)
+        return s_out, self.method.losses(s_out, teacher, target, epoch)
 
 
 class Trainer:
@@ -88,7 +104,9 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resume = resume
-        self.log = log or (lambda msg: None)
+        log = log or (lambda msg: None)
+        self.log = lambda msg: log(msg) if self.dist.is_main else None
+        self.dist: DistInfo = init_distributed(cfg.train.device)
         check_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume:
             self._check_same_config()
@@ -97,6 +115,10 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = select_device(cfg.train.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.train.batch_size < self.dist.world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.dist.world} processes")
 
         self.method: Method = build_method(cfg.method.name, cfg.method.params())
         if self.method.needs_teacher and cfg.teacher is None:
@@ -104,7 +126,7 @@ class Trainer:
         data = dataset if dataset is not None else build_dataset(cfg.data)
         self.data = data.to(self.device)
         seed_everything(derive_seed(cfg.seed, "init"))
-        self.student = build(cfg.model.name, num_classes=data.num_classes).to(self.device)
+        self.student = build(cfg.model, num_classes=data.num_classes).to(self.device)
         self.teacher: nn.Module | None = None
         if self.method.needs_teacher:
             self.teacher = (teacher if teacher is not None else load_teacher(cfg, data.num_classes)).to(self.device)
@@ -112,6 +134,13 @@ class Trainer:
         example = self.data.transform.eval_batch(self.data.train.x[:2])
         self.method.setup(self.student, self.teacher, example)
         self.method.to(self.device)
+        self.objective: nn.Module = Objective(self.student, self.method)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = DDP(self.objective, device_ids=ids, find_unused_parameters=any(
+                True for _ in self.method.parameters()))  # fmt: skip
         params = list(self.student.parameters()) + list(self.method.parameters())
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
@@ -120,7 +149,8 @@ class Trainer:
         self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
         for cb in self.callbacks:
             cb.setup(self)  # validation only: nothing on disk has been touched yet
-        if overwrite:
+        self.dist.barrier()  # every rank has validated before rank 0 touches the folder
+        if overwrite and self.dist.is_main:
             clear_run(self.out)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -174,54 +204,75 @@ class Trainer:
         lr = lr_at(epoch, cfg.optim.lr, cfg.train.epochs, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch))  # dropout etc.: a function of (seed, epoch) too
-        self.student.train()
-        self.method.train()
+        # dropout etc.: a function of (seed, epoch, rank) too
+        torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, *([self.dist.rank] if self.dist.enabled else [])))
+        self.objective.train()
+        dev = self.device
         sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        n = len(self.data.train)
-        it = batches(self.data.train, self.data.transform, cfg.train.batch_size, train=True, seed=cfg.seed, epoch=epoch)
+        correct = torch.zeros((), device=dev)
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss
+        n, bsz, world = len(self.data.train), cfg.train.batch_size, self.dist.world
+        total = num_batches(n, bsz)
+        if world > 1 and 0 < n % bsz < world:
+            total -= 1  # a last global batch smaller than the number of ranks is dropped (some ranks would be empty)
+        it = batches(self.data.train, self.data.transform, bsz, train=True, seed=cfg.seed, epoch=epoch,
+                     shard=(lambda idx: shard(idx, self.dist)) if self.dist.enabled else None)  # fmt: skip
         bar = tqdm(
-            it, total=num_batches(n, cfg.train.batch_size), desc=f"epoch {epoch}/{cfg.train.epochs}",
-            leave=False, disable=not cfg.train.progress, dynamic_ncols=True,
+            it, total=total, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+            disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True,
         )  # fmt: skip
+        seen = 0
         for step, (x, y, _idx) in enumerate(bar):
+            if step >= total:
+                break
+            global_n = min(bsz, n - step * bsz)
             t_out = None
             if self.teacher is not None:
                 t_out = ModelOutput(*(t.clone() for t in self._teacher_forward(x)))
-            s_out = _features(self.student, x)
-            terms = self.method.losses(s_out, t_out, y, epoch)
+            s_out, terms = self.objective(x, t_out, y, epoch)
             loss = sum(terms.values())
             assert isinstance(loss, torch.Tensor)
+            # DDP averages gradients over ranks; weighting by the local share makes that the global-batch mean
+            scaled = loss * (len(y) * world / global_n) if world > 1 else loss
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaled.backward()
             self.optimizer.step()
             with torch.no_grad():
                 bs = len(y)
+                seen += bs
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach() * bs
-                sums["loss"] = sums.get("loss", torch.zeros((), device=self.device)) + loss.detach() * bs
+                    sums[k] = sums.get(k, torch.zeros((), device=dev)) + v.detach() * bs
+                sums["loss"] = sums.get("loss", torch.zeros((), device=dev)) + loss.detach() * bs
                 correct += (s_out.logits.argmax(1) == y).sum()
-            if step % 50 == 0 and not math.isfinite(loss.item()):
-                self._raise_non_finite(terms, epoch, step)
-        out = {f"train_{k}": v.item() / n for k, v in sums.items()}
-        if not math.isfinite(out["train_loss"]):
-            self._raise_non_finite({k[6:]: torch.tensor(v) for k, v in out.items()}, epoch, None)
-        out["train_acc"] = 100.0 * correct.item() / n
+                bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+                first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            if dev.type == "cpu" or step % 50 == 49:  # free on CPU; on GPUs a sync only every 50 steps
+                if int(first_bad) >= 0:
+                    self._raise_non_finite(terms, epoch, int(first_bad))
+        if int(first_bad) >= 0:
+            self._raise_non_finite(terms, epoch, int(first_bad))
+        keys = sorted(sums)
+        packed = self.dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [correct, torch.tensor(float(seen), device=dev)]))
+        seen_all = float(packed[-1])
+        out = {f"train_{k}": float(v) / seen_all for k, v in zip(keys, packed[:-2])}
+        out["train_acc"] = 100.0 * float(packed[-2]) / seen_all
         out["lr"] = lr
         return out
 
-    def _raise_non_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int | None) -> None:
+    def _raise_non_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
         bad = next((k for k, v in terms.items() if not torch.isfinite(v).all()), "loss")
-        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
-        raise NonFiniteLossError(f"non-finite loss term '{bad}' at {where}; last good checkpoint kept in {self.out}")
+        raise NonFiniteLossError(
+            f"non-finite loss (term '{bad}') at epoch {epoch}, step {step}; "
+            f"stopped, the last good checkpoint is kept in {self.out / 'checkpoints'}"
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, main = self.cfg, self.dist.is_main
         ckpt_dir = self.out / "checkpoints"
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.out)
         start, best_acc, best_epoch, wall, imgs, train_time = 0, -1.0, 0, 0.0, 0, 0.0
         teacher_acc = None
@@ -233,11 +284,13 @@ class Trainer:
             wall, imgs, train_time, teacher_acc = m["wall_time_s"], m["train_images"], m["train_time_s"], m["teacher_acc"]
             self.log(f"resuming {self.out} after epoch {start}")
         else:
-            save_config(cfg, self.out / "config.yaml")
+            if main:
+                save_config(cfg, self.out / "config.yaml")
             if self.teacher is not None:
                 teacher_acc = self._teacher_accuracy()
                 self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}%")  # type: ignore[union-attr]
-        metrics.restore(start)
+        if main:
+            metrics.restore(start)
         for cb in self.callbacks:
             cb.on_train_start(self)
         for epoch in range(start + 1, cfg.train.epochs + 1):
@@ -247,28 +300,31 @@ class Trainer:
             t_train = time.perf_counter() - t0
             ev = self.evaluate("test")
             row.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            for cb in self.callbacks:
+                row.update(cb.on_epoch_end(self, epoch))
             dt = time.perf_counter() - t0
             wall += dt
             train_time += t_train
             imgs += len(self.data.train)
             row.update(epoch_time_s=round(dt, 3), images_per_s=round(len(self.data.train) / t_train, 1))
-            for cb in self.callbacks:
-                row.update(cb.on_epoch_end(self, epoch))
-            if ev["acc"] > best_acc:
+            improved = ev["acc"] > best_acc
+            if improved:
                 best_acc, best_epoch = ev["acc"], epoch
-                ck.save_weights(self.out / "best.safetensors", self.student.state_dict())
-            metrics.append(row)
+            if main:
+                if improved:
+                    ck.save_weights(self.out / "best.safetensors", self.student.state_dict())
+                metrics.append(row)
+                meta = dict(
+                    best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
+                    train_time_s=train_time, teacher_acc=teacher_acc, world_size=self.dist.world,
+                )  # fmt: skip
+                ck.save_train_state(ckpt_dir, epoch, self._state(epoch, meta), keep=cfg.train.keep_checkpoints)
+            self.dist.barrier()
             self.log(
                 f"epoch {epoch}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                 f"test {ev['acc']:.2f}%  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
             )
-            meta = dict(
-                best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
-                train_time_s=train_time, teacher_acc=teacher_acc,
-            )  # fmt: skip
-            ck.save_train_state(ckpt_dir, epoch, self._state(epoch, meta), keep=cfg.train.keep_checkpoints)
         final = self.evaluate("test")
-        ck.save_weights(self.out / "model.safetensors", self.student.state_dict())
         summary = {
             "model": cfg.model.name,
             "method": cfg.method.name,
@@ -284,8 +340,12 @@ class Trainer:
             "wall_time_s": round(wall, 2),
             "train_images_per_s": round(imgs / train_time, 1) if train_time else None,
             "device": str(self.device),
+            "world_size": self.dist.world,
         }
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        if main:
+            ck.save_weights(self.out / "model.safetensors", self.student.state_dict())
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        self.dist.barrier()
         return RunResult(self.out, summary)
 
     @torch.inference_mode()

@@ -43,6 +43,14 @@ class DataConfig(_Strict):
     train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D: fraction of samples used for training")
     augment: bool = Field(True, description="standard augmentation (CIFAR: random crop 32 pad 4 + flip)")
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from kdlab.data import DATASETS
+
+        DATASETS.get(v)
+        return v
+
     @field_validator("root")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
@@ -50,17 +58,42 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A network of the model registry."""
+    """A network of the model registry, or a user's ``nn.Module`` seen through forward hooks."""
 
-    name: str = Field(..., description="architecture name in kdlab.models (e.g. resnet8, mnist1d_mlp)")
+    name: str = Field(
+        ...,
+        description="architecture in kdlab.models (e.g. resnet8, mnist1d_mlp), or a user model "
+        "package.module:Class / path/to/file.py:Class",
+    )
+    classifier: str | None = Field(None, description="user model: module path of the final nn.Linear (e.g. fc)")
+    features: str | None = Field(
+        None, description="user model: module whose output is the pre-pool feature map (e.g. layer4); "
+        "default: the classifier's input (vector features)",
+    )  # fmt: skip
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments of the model")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         from kdlab.models import MODELS
+        from kdlab.models.taps import is_user_model, resolve_user_class
 
-        MODELS.get(v)  # raises a one-line error with a suggestion
+        if is_user_model(v):
+            resolve_user_class(v)  # importable, with a one-line error otherwise
+        else:
+            MODELS.get(v)  # raises a one-line error with a suggestion
         return v
+
+    @model_validator(mode="after")
+    def _taps_for_user_models(self) -> ModelConfig:
+        from kdlab.models.taps import is_user_model
+
+        if is_user_model(self.name):
+            if not self.classifier:
+                raise ValueError(f"classifier is required for the user model '{self.name}' (its final nn.Linear)")
+        elif self.classifier is not None or self.features is not None:
+            raise ValueError(f"classifier / features name the taps of user models; '{self.name}' is a kdlab model")
+        return self
 
 
 class TeacherConfig(ModelConfig):
@@ -91,6 +124,9 @@ class MethodConfig(BaseModel):
             params = cls.Params(**extra)
         except ValidationError as err:
             raise ValueError(_QUALIFIED + _first_error(err, prefix="method", model=cls.Params)) from None
+        weights = {k: v for k, v in params.model_dump().items() if k.endswith("_weight")}
+        if weights and not any(weights.values()):
+            raise ValueError(_QUALIFIED + f"method.{'/'.join(weights)}: all loss weights are zero, nothing would train")
         for key, value in params.model_dump().items():
             setattr(self, key, value)
         return self

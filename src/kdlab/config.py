@@ -33,15 +33,19 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Which dataset and how to read it."""
 
-    name: str = Field("mnist1d", description="dataset: mnist1d | cifar100 | cifar10")
+    name: str = Field("mnist1d", description="dataset: mnist1d | cifar100 | cifar10 | synthetic")
     root: str | None = Field(
         None,
         description="CIFAR: folder with train.npz/test.npz, an official cifar-*-python folder or its .tar.gz; "
         "MNIST-1D: cache folder (default: $KDLAB_CACHE or ~/.cache/kdlab)",
     )
-    num_samples: int = Field(5000, gt=0, description="MNIST-1D: total generated samples (train + test)")
-    train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D: fraction of samples used for training")
+    num_samples: int = Field(5000, gt=0, description="MNIST-1D / synthetic: total samples (train + test)")
+    train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D / synthetic: fraction used for training")
     augment: bool = Field(True, description="standard augmentation (CIFAR: random crop 32 pad 4 + flip)")
+    augment_seed: int | None = Field(
+        None, ge=0, description="seed of the augmentation stream (default: the run seed; a teacher cache fixes it)"
+    )
+    num_classes: int = Field(100, gt=1, description="synthetic: number of classes")
 
     @field_validator("name")
     @classmethod
@@ -100,11 +104,12 @@ class TeacherConfig(ModelConfig):
     """The frozen teacher of a distillation run."""
 
     checkpoint: str = Field(..., description="teacher weights: a .safetensors file or a kdlab run directory")
+    cache: str | None = Field(None, description="teacher-output cache from `kdlab cache-teacher` (replayed, no teacher forward)")
 
-    @field_validator("checkpoint")
+    @field_validator("checkpoint", "cache")
     @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_path(v)
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else expand_path(v)
 
 
 class MethodConfig(BaseModel):
@@ -174,6 +179,14 @@ class TrainConfig(_Strict):
     progress: bool = Field(True, description="tqdm progress bars")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on CUDA)")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast precision on CUDA (bf16 recommended)")
+    channels_last: bool | None = Field(None, description="NHWC memory format for image models (default: on CUDA only)")
+    compile: bool = Field(False, description="torch.compile the student step and the teacher forward")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_none(cls, v: object) -> object:
+        return "none" if v is None else v  # `train.amp=none` arrives as None from the override parser
 
     @field_validator("device")
     @classmethod

@@ -10,6 +10,7 @@ from kdlab.data.loader import batches
 # registering side effects
 from kdlab.data import cifar as _cifar  # noqa: F401  (isort: skip)
 from kdlab.data import mnist1d as _mnist1d  # noqa: F401  (isort: skip)
+from kdlab.data import synthetic as _synthetic  # noqa: F401  (isort: skip)
 
 __all__ = [
     "CIFAR100_MEAN",

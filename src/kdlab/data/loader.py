@@ -26,12 +26,16 @@ def batches(
     start_batch: int = 0,
     indices: torch.Tensor | None = None,
     shard: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment_seed: int | None = None,
+    augment_epoch: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y, index)`` batches of ``split``.
 
     Training batches follow :func:`epoch_order` and are augmented; evaluation batches are in order and only
     normalised. ``indices`` restricts iteration to a subset, ``start_batch`` skips batches, ``shard`` maps each
-    global batch of indices to this process's part of it (multi-process training). The last partial batch is kept.
+    global batch of indices to this process's part of it (multi-process training). The augmentation stream is keyed
+    by ``(augment_seed, augment_epoch)`` (default: ``seed``, ``epoch``), which a teacher cache pins to its views.
+    The last partial batch is kept.
     """
     device = split.x.device
     if indices is None:
@@ -43,7 +47,11 @@ def batches(
         if shard is not None:
             idx = shard(idx)
         x = split.x[idx]
-        x = transform.train_batch(x, idx, seed, epoch) if train else transform.eval_batch(x)
+        if train:
+            a_seed = seed if augment_seed is None else augment_seed
+            x = transform.train_batch(x, idx, a_seed, epoch if augment_epoch is None else augment_epoch)
+        else:
+            x = transform.eval_batch(x)
         yield x, split.y[idx], idx
 
 

@@ -7,8 +7,8 @@ epoch from the last finished one and ends with exactly the weights of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from kdlab.engine.callbacks import CALLBACKS, Callback
 from kdlab.engine.distributed import DistInfo, init_distributed, shard
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
+from kdlab.engine.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.methods import Method, build_method
 from kdlab.models import ModelOutput, build, num_params
@@ -131,9 +132,35 @@ class Trainer:
         if self.method.needs_teacher:
             self.teacher = (teacher if teacher is not None else load_teacher(cfg, data.num_classes)).to(self.device)
             self.teacher.eval().requires_grad_(False)
+        self.cache: TeacherCache | None = None
+        self.augment_seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
+        if self.teacher is not None and cfg.teacher is not None and cfg.teacher.cache:
+            self.cache = TeacherCache(cfg.teacher.cache, self.device)
+            self.cache.check(data, cfg.teacher.checkpoint, self.method.teacher_outputs)
+            if cfg.data.augment_seed not in (None, self.cache.info.augment_seed):
+                raise ConfigError(
+                    f"data.augment_seed={cfg.data.augment_seed} but the teacher cache was made with "
+                    f"augment seed {self.cache.info.augment_seed}"
+                )
+            self.augment_seed = self.cache.info.augment_seed
         example = self.data.transform.eval_batch(self.data.train.x[:2])
         self.method.setup(self.student, self.teacher, example)
         self.method.to(self.device)
+        # fast path: NHWC for image models (default on CUDA), autocast, cudnn autotuning, optional compile
+        self.channels_last = (self.device.type == "cuda") if cfg.train.channels_last is None else cfg.train.channels_last
+        self.channels_last = self.channels_last and example.dim() == 4
+        if self.channels_last:
+            for m in (self.student, self.teacher, self.method):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        self._teacher_fwd = self.teacher.forward_features if self.teacher is not None else None  # type: ignore[union-attr]
         self.objective: nn.Module = Objective(self.student, self.method)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -141,6 +168,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DDP(self.objective, device_ids=ids, find_unused_parameters=any(
                 True for _ in self.method.parameters()))  # fmt: skip
+        if cfg.train.compile:
+            self.objective = torch.compile(self.objective)  # type: ignore[assignment]
+            if self._teacher_fwd is not None:
+                self._teacher_fwd = torch.compile(self._teacher_fwd)
         params = list(self.student.parameters()) + list(self.method.parameters())
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
@@ -196,8 +227,19 @@ class Trainer:
 
     @torch.inference_mode()
     def _teacher_forward(self, x: torch.Tensor) -> ModelOutput:
-        assert self.teacher is not None
-        return _features(self.teacher, x)
+        assert self._teacher_fwd is not None
+        with self._autocast():
+            return self._teacher_fwd(x)
+
+    def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> ModelOutput:
+        """The teacher's outputs for a training batch: replayed from the cache, or a live forward."""
+        if self.cache is not None:
+            return self.cache.outputs(epoch, index)
+        out = self._teacher_forward(x)
+        needed = self.method.teacher_outputs
+        # leave inference mode: clone what the method reads, drop the rest
+        return ModelOutput(*(t.clone() if (f in needed and t is not None) else None
+                             for f, t in zip(ModelOutput._fields, out)))  # fmt: skip
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -215,28 +257,35 @@ class Trainer:
         total = num_batches(n, bsz)
         if world > 1 and 0 < n % bsz < world:
             total -= 1  # a last global batch smaller than the number of ranks is dropped (some ranks would be empty)
-        it = batches(self.data.train, self.data.transform, bsz, train=True, seed=cfg.seed, epoch=epoch,
-                     shard=(lambda idx: shard(idx, self.dist)) if self.dist.enabled else None)  # fmt: skip
+        it = batches(
+            self.data.train, self.data.transform, bsz, train=True, seed=cfg.seed, epoch=epoch,
+            shard=(lambda idx: shard(idx, self.dist)) if self.dist.enabled else None, augment_seed=self.augment_seed,
+            augment_epoch=self.cache.augment_epoch(epoch) if self.cache is not None else epoch,
+        )  # fmt: skip
         bar = tqdm(
             it, total=total, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
             disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True,
         )  # fmt: skip
         seen = 0
-        for step, (x, y, _idx) in enumerate(bar):
+        for step, (x, y, idx) in enumerate(bar):
             if step >= total:
                 break
             global_n = min(bsz, n - step * bsz)
-            t_out = None
-            if self.teacher is not None:
-                t_out = ModelOutput(*(t.clone() for t in self._teacher_forward(x)))
-            s_out, terms = self.objective(x, t_out, y, epoch)
-            loss = sum(terms.values())
+            t_out = self.teacher_outputs(x, idx, epoch) if self.teacher is not None else None
+            with self._autocast():
+                s_out, terms = self.objective(x, t_out, y, epoch)
+                loss = sum(terms.values())
             assert isinstance(loss, torch.Tensor)
             # DDP averages gradients over ranks; weighting by the local share makes that the global-batch mean
             scaled = loss * (len(y) * world / global_n) if world > 1 else loss
             self.optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                scaled.backward()
+                self.optimizer.step()
             with torch.no_grad():
                 bs = len(y)
                 seen += bs

@@ -27,6 +27,8 @@ class Method(nn.Module):
 
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
+    #: which teacher outputs ``losses`` reads (``logits``, ``pooled``, ``prepool``): a teacher cache must hold them
+    teacher_outputs: ClassVar[tuple[str, ...]] = ("logits",)
 
     def __init__(self, params: MethodParams) -> None:
         super().__init__()

@@ -1,0 +1,37 @@
+"""``kdlab bench``: throughput of the reference loop vs kdlab live / cached / student alone (see :mod:`kdlab.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kdlab.cli import command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--teacher", help="teacher architecture (default: resnet20 on CPU, resnet32x4 on CUDA)")
+    p.add_argument("--student", help="student architecture (default: resnet8 on CPU, resnet8x4 on CUDA)")
+    p.add_argument("--images", type=int, help="images per timed epoch (default: 1024 on CPU, 20000 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of every mode (default: 64)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast for kdlab modes (default: bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile kdlab's student step and teacher")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the reference loop (default: min(4, cores))")
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+
+
+@command("bench", "images/s: reference KD loop vs kdlab live teacher, teacher cache and student alone", _args)
+def bench(args: argparse.Namespace) -> int:
+    from kdlab.bench import format_report, run_bench
+    from kdlab.errors import KdlabError
+
+    if (args.images is not None and args.images < args.batch_size) or args.batch_size < 1:
+        raise KdlabError("--images must be at least --batch-size, and --batch-size positive")
+    res = run_bench(args.teacher, args.student, args.device, args.images, args.batch_size, args.amp, args.compile,
+                    args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    print(format_report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

@@ -1,0 +1,58 @@
+"""``kdlab cache-teacher``: precompute teacher outputs for V augmented views (see :mod:`kdlab.engine.teacher_cache`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kdlab.cli import command
+from kdlab.errors import KdlabError
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a distillation recipe (its data and teacher sections are used)")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.add_argument("--views", type=int, required=True, help="augmented views per training sample (= epochs for exact replay)")
+    p.add_argument("--out", required=True, help="cache file to write (.safetensors)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
+    p.add_argument("--fields", default="logits", help="comma-separated: logits,pooled,prepool (default: logits)")
+    p.add_argument("--batch-size", type=int, default=512, help="teacher batch size (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache file")
+
+
+@command("cache-teacher", "precompute teacher outputs for V augmented views, replayed with teacher.cache=FILE", _args)
+def cache_teacher(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdlab.config import load_config
+    from kdlab.data import build_dataset
+    from kdlab.engine.atomic import sha256_file
+    from kdlab.engine.checkpoint import resolve_weights_path
+    from kdlab.engine.teacher_cache import build_cache
+    from kdlab.engine.trainer import load_teacher, select_device
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise KdlabError(f"{out} exists; pass --overwrite to replace it")
+    if args.views < 1 or args.batch_size < 1:
+        raise KdlabError("--views and --batch-size must be positive")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.teacher is None:
+        raise KdlabError(f"{args.config} has no teacher section")
+    device = select_device(cfg.train.device)
+    data = build_dataset(cfg.data).to(device)
+    teacher = load_teacher(cfg, data.num_classes).to(device)
+    seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
+    t0 = time.perf_counter()
+    meta = {"teacher": cfg.teacher.name, "teacher_sha256": sha256_file(resolve_weights_path(cfg.teacher.checkpoint)),
+            "data": cfg.data.model_dump(mode="json")}  # fmt: skip
+    build_cache(
+        teacher, data, args.views, out, augment_seed=seed, fields=tuple(f.strip() for f in args.fields.split(",")),
+        dtype=getattr(torch, args.dtype), batch_size=args.batch_size, meta=meta,
+        progress=lambda v, n: print(f"view {v}/{n} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr),
+    )  # fmt: skip
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out}: {args.views} views × {len(data.train)} samples, {size:.1f} MiB, augment seed {seed}")
+    return 0

@@ -46,6 +46,8 @@ class DataConfig(_Strict):
         None, ge=0, description="seed of the augmentation stream (default: the run seed; a teacher cache fixes it)"
     )
     num_classes: int = Field(100, gt=1, description="synthetic: number of classes")
+    label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped to another class")
+    label_noise_seed: int = Field(0, ge=0, description="seed choosing which labels flip and to what")
 
     @field_validator("name")
     @classmethod
@@ -100,10 +102,24 @@ class ModelConfig(_Strict):
         return self
 
 
+class TeacherMember(ModelConfig):
+    """One extra member of an ensemble teacher."""
+
+    checkpoint: str = Field(..., description="weights: a .safetensors file or a kdlab run directory")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_path(v)
+
+
 class TeacherConfig(ModelConfig):
     """The frozen teacher of a distillation run."""
 
     checkpoint: str = Field(..., description="teacher weights: a .safetensors file or a kdlab run directory")
+    ensemble: list[TeacherMember] = Field(
+        default_factory=list, description="more teachers [{name, checkpoint}]: logits averaged with the main one"
+    )
     cache: str | None = Field(None, description="teacher-output cache from `kdlab cache-teacher` (replayed, no teacher forward)")
 
     @field_validator("checkpoint", "cache")

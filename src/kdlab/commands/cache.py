@@ -28,10 +28,9 @@ def cache_teacher(args: argparse.Namespace) -> int:
 
     from kdlab.config import load_config
     from kdlab.data import build_dataset
-    from kdlab.engine.atomic import sha256_file
-    from kdlab.engine.checkpoint import resolve_weights_path
     from kdlab.engine.teacher_cache import build_cache
-    from kdlab.engine.trainer import load_teacher, select_device
+    from kdlab.engine.teachers import load_teacher, teacher_fingerprint
+    from kdlab.engine.trainer import select_device
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -43,10 +42,10 @@ def cache_teacher(args: argparse.Namespace) -> int:
         raise KdlabError(f"{args.config} has no teacher section")
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
-    teacher = load_teacher(cfg, data.num_classes).to(device)
+    teacher = load_teacher(cfg.teacher, data.num_classes).to(device)
     seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
     t0 = time.perf_counter()
-    meta = {"teacher": cfg.teacher.name, "teacher_sha256": sha256_file(resolve_weights_path(cfg.teacher.checkpoint)),
+    meta = {"teacher": cfg.teacher.name, "teacher_sha256": teacher_fingerprint(cfg.teacher),
             "data": cfg.data.model_dump(mode="json")}  # fmt: skip
     build_cache(
         teacher, data, args.views, out, augment_seed=seed, fields=tuple(f.strip() for f in args.fields.split(",")),

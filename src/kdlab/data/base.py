@@ -53,6 +53,8 @@ class Dataset:
     test: Split
     num_classes: int
     transform: Transform
+    noisy_indices: torch.Tensor | None = None  # training samples whose label was flipped (label noise)
+    clean_train_y: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for split_name, split in (("train", self.train), ("test", self.test)):
@@ -68,7 +70,8 @@ class Dataset:
 
     def to(self, device: torch.device | str) -> Dataset:
         """Move both splits to ``device`` (the data then stays resident there for the whole run)."""
-        return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes, self.transform)
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes, self.transform,
+                       self.noisy_indices, self.clean_train_y)  # fmt: skip
 
 
 DatasetBuilder = Callable[["DataConfig"], Dataset]
@@ -76,5 +79,17 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
 def build_dataset(cfg: DataConfig) -> Dataset:
-    """Build the dataset named by ``cfg.name`` (tensors on the CPU; move with :meth:`Dataset.to`)."""
-    return DATASETS.get(cfg.name)(cfg)
+    """Build the dataset named by ``cfg.name`` (tensors on the CPU; move with :meth:`Dataset.to`).
+
+    With ``cfg.label_noise`` > 0 the training labels are flipped by :func:`kdlab.data.noise.flip_labels`; the
+    flipped indices are kept in ``dataset.noisy_indices`` and the clean labels in ``dataset.clean_train_y``.
+    """
+    ds = DATASETS.get(cfg.name)(cfg)
+    if cfg.label_noise > 0:
+        from kdlab.data.noise import flip_labels
+
+        noisy, idx = flip_labels(ds.train.y, ds.num_classes, cfg.label_noise, cfg.label_noise_seed)
+        ds.clean_train_y = ds.train.y
+        ds.train = Split(ds.train.x, noisy)
+        ds.noisy_indices = idx
+    return ds

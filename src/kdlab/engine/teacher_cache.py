@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from kdlab.data import Dataset, batches
-from kdlab.engine.atomic import atomic_write_bytes, sha256_file
+from kdlab.engine.atomic import atomic_write_bytes
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.models import ModelOutput
 
@@ -112,7 +112,7 @@ class TeacherCache:
         self._view = -1
         self._tensors: dict[str, torch.Tensor] = {}
 
-    def check(self, data: Dataset, teacher_checkpoint: str | None, needs: tuple[str, ...]) -> None:
+    def check(self, data: Dataset, teacher_fingerprint: str | None, needs: tuple[str, ...]) -> None:
         """Refuse a cache made for other data, another teacher, or lacking outputs the method needs."""
         i = self.info
         if i.num_samples != len(data.train) or i.num_classes != data.num_classes or i.meta.get("dataset") != data.name:
@@ -121,11 +121,8 @@ class TeacherCache:
                 f"{i.num_classes} classes; this run has {data.name} with {len(data.train)} and {data.num_classes}"
             )
         want = i.meta.get("teacher_sha256")
-        if teacher_checkpoint and want:
-            from kdlab.engine.checkpoint import resolve_weights_path
-
-            if sha256_file(resolve_weights_path(teacher_checkpoint)) != want:
-                raise ConfigError(f"teacher cache {self.path} was made from another teacher checkpoint")
+        if teacher_fingerprint and want and teacher_fingerprint != want:
+            raise ConfigError(f"teacher cache {self.path} was made from another teacher checkpoint")
         missing = [f for f in needs if f not in i.fields]
         if missing:
             raise ConfigError(f"teacher cache {self.path} lacks '{missing[0]}' (rebuild with --fields {','.join(needs)})")

@@ -29,6 +29,7 @@ from kdlab.engine.distributed import DistInfo, init_distributed, shard
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
 from kdlab.engine.teacher_cache import TeacherCache
+from kdlab.engine.teachers import load_teacher, teacher_fingerprint
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.methods import Method, build_method
 from kdlab.models import ModelOutput, build, num_params
@@ -52,16 +53,6 @@ def select_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
     return dev
-
-
-def load_teacher(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """Build the teacher named in ``cfg.teacher`` and load its weights (strict, with one-line errors)."""
-    assert cfg.teacher is not None
-    path = ck.resolve_weights_path(cfg.teacher.checkpoint)
-    teacher = build(cfg.teacher, num_classes=num_classes)
-    ck.load_into(teacher, ck.load_weights_file(path), cfg.teacher.name, f"teacher checkpoint {path}")
-    teacher.eval().requires_grad_(False)
-    return teacher
 
 
 def _features(model: nn.Module, x: torch.Tensor) -> ModelOutput:
@@ -130,13 +121,16 @@ class Trainer:
         self.student = build(cfg.model, num_classes=data.num_classes).to(self.device)
         self.teacher: nn.Module | None = None
         if self.method.needs_teacher:
-            self.teacher = (teacher if teacher is not None else load_teacher(cfg, data.num_classes)).to(self.device)
+            assert cfg.teacher is not None
+            if cfg.teacher.ensemble and set(self.method.teacher_outputs) - {"logits"}:
+                raise ConfigError(f"method '{cfg.method.name}' needs teacher features; an ensemble teacher gives logits only")
+            self.teacher = (teacher if teacher is not None else load_teacher(cfg.teacher, data.num_classes)).to(self.device)
             self.teacher.eval().requires_grad_(False)
         self.cache: TeacherCache | None = None
         self.augment_seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
         if self.teacher is not None and cfg.teacher is not None and cfg.teacher.cache:
             self.cache = TeacherCache(cfg.teacher.cache, self.device)
-            self.cache.check(data, cfg.teacher.checkpoint, self.method.teacher_outputs)
+            self.cache.check(data, teacher_fingerprint(cfg.teacher), self.method.teacher_outputs)
             if cfg.data.augment_seed not in (None, self.cache.info.augment_seed):
                 raise ConfigError(
                     f"data.augment_seed={cfg.data.augment_seed} but the teacher cache was made with "
@@ -391,6 +385,9 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world,
         }
+        if self.data.noisy_indices is not None:
+            summary["label_noise"] = {"fraction": cfg.data.label_noise, "seed": cfg.data.label_noise_seed,
+                                      "flipped": len(self.data.noisy_indices)}  # fmt: skip
         if main:
             ck.save_weights(self.out / "model.safetensors", self.student.state_dict())
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))

@@ -1,0 +1,61 @@
+"""Loading the frozen teacher: one checkpoint, or an ensemble whose logits are averaged (kl-vs-mse §4.3)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from kdlab.config import RunConfig, TeacherConfig
+from kdlab.errors import ConfigError
+from kdlab.engine import checkpoint as ck
+from kdlab.engine.atomic import sha256_file
+from kdlab.models import ModelOutput, build
+
+
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers seen as one: logits are the average of the members' logits.
+
+    Features are not defined for an ensemble, so ``prepool``/``pooled`` are ``None`` and feature- or
+    classifier-based methods refuse ensembles (see ``Method.teacher_outputs``).
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward_features(self, x: torch.Tensor) -> ModelOutput:
+        logits = torch.stack([m.forward_features(x).logits for m in self.members]).mean(0)  # type: ignore[operator]
+        return ModelOutput(logits, None, None)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).logits
+
+
+def _load_one(name: str, checkpoint: str, num_classes: int) -> nn.Module:
+    path = ck.resolve_weights_path(checkpoint)
+    model = build(name, num_classes=num_classes)
+    ck.load_into(model, ck.load_weights_file(path), name, f"teacher checkpoint {path}")
+    return model
+
+
+def load_teacher(cfg: TeacherConfig | RunConfig, num_classes: int) -> nn.Module:
+    """Build and load the teacher (strict, one-line errors); an ensemble when ``cfg.ensemble`` lists members.
+
+    ``cfg`` is the teacher section or a whole run config.
+    """
+    if isinstance(cfg, RunConfig):
+        if cfg.teacher is None:
+            raise ConfigError("the config has no teacher section")
+        cfg = cfg.teacher
+    models = [_load_one(cfg.name, cfg.checkpoint, num_classes)]
+    models += [_load_one(m.name, m.checkpoint, num_classes) for m in cfg.ensemble]
+    teacher = models[0] if len(models) == 1 else EnsembleTeacher(models)
+    return teacher.eval().requires_grad_(False)
+
+
+def teacher_fingerprint(cfg: TeacherConfig) -> str:
+    """SHA-256 of the teacher's weights file(s): a teacher cache is only valid for the same fingerprint."""
+    shas = [sha256_file(ck.resolve_weights_path(c)) for c in [cfg.checkpoint] + [m.checkpoint for m in cfg.ensemble]]
+    return shas[0] if len(shas) == 1 else hashlib.sha256("".join(shas).encode()).hexdigest()

@@ -480,10 +480,11 @@ def _all_losses(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temp: float, 
 @pytest.mark.parametrize("magnitude", [1.0, 1e2, 1e4])
 @pytest.mark.parametrize("temp", [1e-3, 1.0, 1e4])
 @pytest.mark.parametrize("std", [None, "zscore", "center", "scale", ALG1])
-def test_losses_and_gradients_are_finite_in_float32(magnitude, temp, std):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_losses_and_gradients_are_finite_in_float32_and_bf16(magnitude, temp, std, dtype):
     y = labels(55)
-    s = logits(55, scale=magnitude, dtype=torch.float32)
-    t = logits(56, scale=magnitude, dtype=torch.float32)
+    s = logits(55, scale=magnitude, dtype=torch.float32).to(dtype)
+    t = logits(56, scale=magnitude, dtype=torch.float32).to(dtype)
     s[0] = 7.0  # a constant row
     t[1] = -3.0
     s = s.requires_grad_(True)

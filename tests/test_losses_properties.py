@@ -100,10 +100,12 @@ def test_dkd_terms_are_nonnegative_and_decompose_kd(pair, temperature):
     logit_pairs(max_mag=1e4, dtype=np.float32),
     st.sampled_from([1e-3, 0.1, 1.0, 4.0, 1e2, 1e4]),
     st.sampled_from([None, "zscore", "scale", "center"]),
+    st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_every_loss_is_finite_with_finite_gradient_in_float32(pair, temperature, std):
+def test_every_loss_is_finite_with_finite_gradient_in_float32_and_bf16(pair, temperature, std, dtype):
     s, t, y = pair
-    z = s.clone().requires_grad_(True)
+    t = t.to(dtype)
+    z = s.clone().to(dtype).requires_grad_(True)
     values = [
         L.kd(z, t, temperature, standardize=std),
         L.kd_inf(z, t, standardize=std),

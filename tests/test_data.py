@@ -184,3 +184,23 @@ def test_mnist1d_default_sizes_cache_and_standardization(_mnist1d_cache):
     assert torch.equal(again.train.x, ds.train.x)
     small = build_dataset(DataConfig(name="mnist1d", num_samples=500))
     assert (len(small.train), len(small.test)) == (400, 100)
+
+
+def test_mnist1d_shift_augmentation_is_a_seeded_zero_filled_translation():
+    from kdlab.data.augment import VectorTransform
+
+    t = VectorTransform(shift=3, num_samples=10)
+    x = torch.arange(1.0, 41.0).repeat(10, 1)
+    idx = torch.arange(10)
+    out = t.train_batch(x, idx, seed=1, epoch=2)
+    shifts = t.epoch_shifts(1, 2)
+    assert set(shifts.tolist()) <= set(range(-3, 4)) and len(set(shifts.tolist())) > 1
+    for i in range(10):
+        s = int(shifts[i])
+        ref = torch.zeros(40)
+        for j in range(40):
+            if 0 <= j - s < 40:
+                ref[j] = x[i, j - s]
+        assert torch.equal(out[i], ref)
+    assert torch.equal(t.train_batch(x[[4]], idx[[4]], 1, 2)[0], out[4])  # a function of (seed, epoch, index)
+    assert torch.equal(VectorTransform().train_batch(x, idx, 1, 2), x)  # off by default

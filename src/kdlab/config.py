@@ -42,6 +42,7 @@ class DataConfig(_Strict):
     num_samples: int = Field(5000, gt=0, description="MNIST-1D / synthetic: total samples (train + test)")
     train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D / synthetic: fraction used for training")
     augment: bool = Field(True, description="standard augmentation (CIFAR: random crop 32 pad 4 + flip)")
+    shift: int = Field(0, ge=0, description="MNIST-1D: random translation of up to ±shift samples (0 = off)")
     augment_seed: int | None = Field(
         None, ge=0, description="seed of the augmentation stream (default: the run seed; a teacher cache fixes it)"
     )

@@ -84,10 +84,33 @@ class ImageAugment:
 
 @dataclass
 class VectorTransform:
-    """Identity transform for data stored ready to use (e.g. standardised MNIST-1D vectors)."""
+    """Transform for 1-D signals stored ready to use (standardised MNIST-1D vectors).
+
+    With ``shift`` > 0, training batches are translated by a per-sample offset in [−shift, shift] with zero fill
+    (zero is the standardised mean); offsets are a pure function of ``(seed, epoch, sample index)``.
+    """
+
+    shift: int = 0
+    num_samples: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def epoch_shifts(self, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        key = (seed, epoch, str(device))
+        if key not in self._cache:
+            g = generator(seed, "shift", epoch)
+            self._cache.clear()
+            self._cache[key] = torch.randint(-self.shift, self.shift + 1, (self.num_samples,), generator=g).to(device)
+        return self._cache[key]
 
     def train_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-        return x
+        if self.shift <= 0:
+            return x
+        s = self.epoch_shifts(seed, epoch, x.device)[index]
+        length = x.shape[-1]
+        src = torch.arange(length, device=x.device)[None, :] - s[:, None]  # out[i] = x[i - s]
+        valid = (src >= 0) & (src < length)
+        out = torch.gather(x.reshape(len(x), length), 1, src.clamp(0, length - 1)) * valid
+        return out.reshape(x.shape)
 
     def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         return x

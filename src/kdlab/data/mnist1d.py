@@ -46,8 +46,13 @@ def generate_mnist1d(num_samples: int = 5000, train_split: float = 0.8) -> dict[
     return {"x": d["x"], "y": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
 
 
-def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, root: str | Path | None = None) -> Dataset:
-    """Load (generating and caching on first use) the standardised MNIST-1D dataset."""
+def load_mnist1d(
+    num_samples: int = 5000, train_split: float = 0.8, root: str | Path | None = None, shift: int = 0
+) -> Dataset:
+    """Load (generating and caching on first use) the standardised MNIST-1D dataset.
+
+    ``shift`` > 0 enables random-translation augmentation of training batches (see :class:`VectorTransform`).
+    """
     root = Path(root) if root else default_cache_dir()
     path = root / f"mnist1d_n{num_samples}_split{train_split:g}_seed{MNIST1D_SEED}.npz"
     arrays = None
@@ -75,9 +80,9 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, root: str | 
     x, x_test = (x - mean) / std, (x_test - mean) / std
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     y_test = torch.from_numpy(arrays["y_test"].astype(np.int64))
-    return Dataset("mnist1d", Split(x, y), Split(x_test, y_test), 10, VectorTransform())
+    return Dataset("mnist1d", Split(x, y), Split(x_test, y_test), 10, VectorTransform(shift, len(x)))
 
 
 @DATASETS.register("mnist1d")
 def _build(cfg: DataConfig) -> Dataset:
-    return load_mnist1d(cfg.num_samples, cfg.train_split, cfg.root)
+    return load_mnist1d(cfg.num_samples, cfg.train_split, cfg.root, cfg.shift if cfg.augment else 0)

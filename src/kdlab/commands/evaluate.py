@@ -37,7 +37,7 @@ def evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.overrides)
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
-    model = build(cfg.model.name, num_classes=data.num_classes)
+    model = build(cfg.model, num_classes=data.num_classes)
     ck.load_into(model, ck.load_weights_file(path), cfg.model.name, f"checkpoint {path}")
     model.to(device).eval()
     split = getattr(data, args.split)

@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
-from kdlab.config import RunConfig, TeacherConfig
+from kdlab.config import RunConfig, TeacherConfig, TeacherMember
 from kdlab.errors import ConfigError
 from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import sha256_file
@@ -33,10 +33,10 @@ class EnsembleTeacher(nn.Module):
         return self.forward_features(x).logits
 
 
-def _load_one(name: str, checkpoint: str, num_classes: int) -> nn.Module:
-    path = ck.resolve_weights_path(checkpoint)
-    model = build(name, num_classes=num_classes)
-    ck.load_into(model, ck.load_weights_file(path), name, f"teacher checkpoint {path}")
+def _load_one(spec: TeacherConfig | TeacherMember, num_classes: int) -> nn.Module:
+    path = ck.resolve_weights_path(spec.checkpoint)
+    model = build(spec, num_classes=num_classes)  # the whole section: a user model's classifier/features/kwargs too
+    ck.load_into(model, ck.load_weights_file(path), spec.name, f"teacher checkpoint {path}")
     return model
 
 
@@ -49,8 +49,8 @@ def load_teacher(cfg: TeacherConfig | RunConfig, num_classes: int) -> nn.Module:
         if cfg.teacher is None:
             raise ConfigError("the config has no teacher section")
         cfg = cfg.teacher
-    models = [_load_one(cfg.name, cfg.checkpoint, num_classes)]
-    models += [_load_one(m.name, m.checkpoint, num_classes) for m in cfg.ensemble]
+    models = [_load_one(cfg, num_classes)]
+    models += [_load_one(m, num_classes) for m in cfg.ensemble]
     teacher = models[0] if len(models) == 1 else EnsembleTeacher(models)
     return teacher.eval().requires_grad_(False)
 

@@ -265,7 +265,8 @@ class Trainer:
             if step >= total:
                 break
             global_n = min(bsz, n - step * bsz)
-            t_out = self.teacher_outputs(x, idx, epoch) if self.teacher is not None else None
+            uses_teacher = self.teacher is not None and self.method.teacher_outputs
+            t_out = self.teacher_outputs(x, idx, epoch) if uses_teacher else None
             with self._autocast():
                 s_out, terms = self.objective(x, t_out, y, epoch)
                 loss = sum(terms.values())

@@ -1,19 +1,31 @@
 """Model registry: ``kdlab.models.build(name, num_classes=...)`` returns an ``nn.Module`` whose ``forward`` gives logits.
 
-Every zoo model also has ``forward_features(x) -> ModelOutput(logits, prepool, pooled)`` and a ``classifier`` (the
-final ``nn.Linear``).
+Every model — kdlab's zoo or a user's ``nn.Module`` — has ``forward_features(x) -> ModelOutput(logits, prepool,
+pooled)`` and a ``classifier`` (the final ``nn.Linear``). The zoo is the standard CIFAR KD benchmark (RepDistiller /
+mdistiller names, parameter names and shapes: ``shared/specs/cifar_zoo_state_dicts.json``) plus the MNIST-1D test bed.
+A name of the form ``package.module:Class`` or ``path/to/file.py:Class`` builds a user model seen through forward
+hooks (:mod:`kdlab.models.taps`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any, Protocol
 
 from torch import nn
 
-from kdlab.models.base import ModelOutput, ZooModel, num_params
+from kdlab.errors import ConfigError
+from kdlab.models.base import HEAD, ModelOutput, ZooModel, global_pool, num_params
 from kdlab.models.cifar_resnet import CifarResNet
 from kdlab.models.mnist1d import Mnist1dCNN, Mnist1dMLP
+from kdlab.models.mobilenetv2 import mobile_half
+from kdlab.models.resnet_bottleneck import BottleneckResNet
+from kdlab.models.shufflenet import ShuffleNetV1, ShuffleNetV2
+from kdlab.models.taps import TappedModel, build_user_model, is_user_model
+from kdlab.models.vgg import CONFIGS as VGG_CONFIGS
+from kdlab.models.vgg import VGG
+from kdlab.models.wrn import WideResNet
 from kdlab.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -22,13 +34,59 @@ for _depth in (8, 14, 20, 32, 44, 56, 110):
     MODELS.add(f"resnet{_depth}", partial(CifarResNet, _depth, (16, 16, 32, 64)))
 for _depth in (8, 32):
     MODELS.add(f"resnet{_depth}x4", partial(CifarResNet, _depth, (32, 64, 128, 256)))
+for _depth, _k in ((16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2), (40, 6)):
+    MODELS.add(f"wrn_{_depth}_{_k}", partial(WideResNet, _depth, _k))
+for _name, _cfg in VGG_CONFIGS.items():
+    MODELS.add(_name, partial(VGG, _cfg))
+MODELS.add("MobileNetV2", mobile_half)
+MODELS.add("ShuffleV1", ShuffleNetV1)
+MODELS.add("ShuffleV2", ShuffleNetV2)
+MODELS.add("ResNet50", partial(BottleneckResNet, (3, 4, 6, 3)))
 MODELS.add("mnist1d_cnn", Mnist1dCNN)
 MODELS.add("mnist1d_mlp", Mnist1dMLP)
 
 
-def build(name: str, num_classes: int = 100, **kwargs: object) -> nn.Module:
-    """Build the model registered as ``name`` with ``num_classes`` outputs."""
-    return MODELS.get(name)(num_classes=num_classes, **kwargs)
+class ModelSpec(Protocol):
+    """What :func:`build` reads from a config section (``kdlab.config.ModelConfig``)."""
+
+    name: str
+    classifier: str | None
+    features: str | None
+    kwargs: dict[str, Any]
 
 
-__all__ = ["MODELS", "ModelOutput", "ZooModel", "build", "num_params"]
+def build(
+    name: str | ModelSpec,
+    num_classes: int = 100,
+    *,
+    classifier: str | None = None,
+    features: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the model registered as ``name`` with ``num_classes`` outputs.
+
+    ``name`` may also be a config section (``cfg.model`` / ``cfg.teacher``), whose ``classifier``, ``features`` and
+    ``kwargs`` are then used. For a user model (``module:Class`` / ``file.py:Class``), ``classifier`` (and optionally
+    ``features``) name the modules tapped by forward hooks; ``kwargs`` go to the constructor.
+    """
+    if not isinstance(name, str):
+        spec = name
+        merged = dict(getattr(spec, "kwargs", None) or {}, **kwargs)
+        return build(spec.name, num_classes, classifier=getattr(spec, "classifier", None),
+                     features=getattr(spec, "features", None), **merged)  # fmt: skip
+    if is_user_model(name):
+        return build_user_model(name, num_classes, classifier, features, **kwargs)
+    if classifier is not None or features is not None:
+        raise ConfigError(
+            f"model.classifier / model.features are for user models; '{name}' is a kdlab model with known taps"
+        )
+    factory = MODELS.get(name)
+    try:
+        return factory(num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs do not fit '{name}': {err}") from None
+
+
+__all__ = [
+    "HEAD", "MODELS", "ModelOutput", "ModelSpec", "TappedModel", "ZooModel", "build", "global_pool", "num_params",
+]  # fmt: skip

@@ -72,7 +72,7 @@ class CifarResNet(ZooModel):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: torch.Tensor) -> ModelOutput:
+    def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         pooled = torch.flatten(self.avgpool(x), 1)

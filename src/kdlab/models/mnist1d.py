@@ -33,7 +33,7 @@ class Mnist1dCNN(ZooModel):
         )
         self.fc = nn.Linear(widths[2], num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> ModelOutput:
+    def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         if x.dim() == 2:
             x = x.unsqueeze(1)
         fmap = self.features(x)
@@ -53,6 +53,6 @@ class Mnist1dMLP(ZooModel):
         )
         self.fc = nn.Linear(hidden, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> ModelOutput:
+    def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         h = self.body(torch.flatten(x, 1))
         return ModelOutput(self.fc(h), h, h)

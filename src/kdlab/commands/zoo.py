@@ -1,0 +1,37 @@
+"""``kdlab import-checkpoint``: RepDistiller / mdistiller CIFAR zoo checkpoints → kdlab safetensors weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kdlab.cli import command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a .pth checkpoint of the standard CIFAR zoo (RepDistiller or mdistiller)")
+    p.add_argument("--arch", required=True, help="kdlab architecture name (e.g. resnet32x4, wrn_40_2, vgg13, ResNet50)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the classifier weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+
+@command(
+    "import-checkpoint",
+    "convert a RepDistiller / mdistiller checkpoint to safetensors (no pickled code is ever run)",
+    _args,
+)
+def import_checkpoint(args: argparse.Namespace) -> int:
+    from kdlab.models import MODELS
+    from kdlab.models.convert import convert
+
+    MODELS.get(args.arch)  # unknown names: one-line error with a suggestion, before reading anything
+    summary = convert(args.file, args.arch, args.out, overwrite=args.overwrite, num_classes=args.num_classes)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        extra = "".join(f", {k} {summary[k]:.4g}" for k in ("epoch", "best_acc", "accuracy") if k in summary)
+        print(f"wrote {summary['out']}: {summary['arch']}, {summary['num_classes']} classes, "
+              f"{summary['tensors']} tensors{extra}")  # fmt: skip
+    return 0

@@ -1,0 +1,224 @@
+"""Any ``nn.Module`` through kdlab's model interface, by forward hooks (no editing of ``forward``).
+
+The user names two modules by their path in ``named_modules()``:
+
+* ``classifier`` — the final ``nn.Linear``. A forward hook records its input (the pooled penultimate vector) and its
+  output (the logits), so the logits are exactly what the model computes, whatever its ``forward`` returns.
+* ``features`` (optional) — the module whose output is the pre-pool feature map (e.g. ``layer4``): N×C×H×W,
+  N×C×L or a vector. Without it, the classifier's input is both the "pre-pool" and the pooled feature (vector
+  features, as for an MLP).
+
+:class:`TappedModel` holds the user's model as ``self.model`` but its ``state_dict()`` / ``load_state_dict()`` use
+the user's own key names (no ``model.`` prefix), so checkpoints written for the plain module load unchanged and
+kdlab's weights files load into the plain module. In a config the model is named by an import path::
+
+    model:
+      name: mypkg.nets:MyNet              # or a file: path/to/file.py:MyNet (relative to the working directory)
+      classifier: fc
+      features: layer4
+      kwargs: {width: 32}                 # constructor arguments; num_classes is passed when the constructor takes it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlab.errors import ConfigError, did_you_mean
+from kdlab.models.base import HEAD, HeadMixin, ModelOutput
+
+_WRAPPED = "model."
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+class TappedModel(HeadMixin, nn.Module):
+    """Wrap ``model`` so that ``forward_features(x)`` returns a :class:`ModelOutput` collected by forward hooks."""
+
+    def __init__(self, model: nn.Module, classifier: str, features: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.classifier_name = classifier
+        self.features_name = features
+        modules = dict(model.named_modules())
+        for role, path in (("classifier", classifier), ("features", features)):
+            if path is not None and (path == "" or path not in modules):
+                names = [n for n in modules if n]
+                raise ConfigError(
+                    f"model.{role}: '{path}' is not a module of {type(model).__name__}{did_you_mean(path, names)}"
+                    f"; modules: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+                )
+        if not isinstance(modules[classifier], nn.Linear):
+            raise ConfigError(
+                f"model.classifier: '{classifier}' is a {type(modules[classifier]).__name__}, not the final nn.Linear"
+            )
+        self._taps: dict[str, torch.Tensor] = {}
+        modules[classifier].register_forward_hook(self._classifier_hook)
+        if features is not None:
+            modules[features].register_forward_hook(self._features_hook)
+        self.register_state_dict_post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    # hooks -----------------------------------------------------------------------------------------------------------
+
+    def _classifier_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._taps["pooled"] = args[0]
+        self._taps["logits"] = output
+
+    def _features_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        tensor = _first_tensor(output)
+        if tensor is None:
+            raise ConfigError(f"model.features: '{self.features_name}' returned {type(output).__name__}, not a tensor")
+        self._taps["prepool"] = tensor
+
+    # interface -------------------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> ModelOutput:
+        """Run the user's ``forward`` once and return what the hooks saw (through the head, when one is attached)."""
+        self._taps = {}
+        try:
+            self.model(x)
+            taps = self._taps
+        finally:
+            self._taps = {}
+        if "logits" not in taps:
+            raise ConfigError(f"model.classifier: '{self.classifier_name}' did not run during forward")
+        pooled = taps["pooled"]
+        if self.features_name is None:
+            prepool = pooled
+        elif "prepool" not in taps:
+            raise ConfigError(f"model.features: '{self.features_name}' did not run during forward")
+        else:
+            prepool = taps["prepool"]
+        return self._through_head(ModelOutput(taps["logits"], prepool, pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: the user's own forward, or the head's prediction when one is attached."""
+        if self.head is None:
+            return self.model(x)
+        return self.forward_features(x).logits
+
+    @property
+    def own_classifier(self) -> nn.Linear:
+        """The user's final ``nn.Linear`` (at ``classifier``), whether or not a head is attached."""
+        module = self.model.get_submodule(self.classifier_name)
+        assert isinstance(module, nn.Linear)
+        return module
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final linear classifier: the head's reused classifier when a head is attached."""
+        head = self.head
+        return head.classifier if head is not None else self.own_classifier
+
+
+def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: ``<prefix>model.<key>`` → ``<prefix><key>`` (order kept)."""
+    ours = [k for k in state if k.startswith(prefix)]
+    items = [(k, state.pop(k)) for k in ours]
+    inner = prefix + _WRAPPED
+    for k, v in items:
+        state[prefix + k[len(inner) :] if k.startswith(inner) else k] = v
+
+
+def _add_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: ``<prefix><key>`` → ``<prefix>model.<key>`` except for the head's keys."""
+    keep = (prefix + _WRAPPED, prefix + HEAD + ".")
+    for k in [k for k in state if k.startswith(prefix) and not k.startswith(keep)]:
+        state[prefix + _WRAPPED + k[len(prefix) :]] = state.pop(k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# user models named by import path
+
+
+def is_user_model(name: str) -> bool:
+    """``module.path:Class`` or ``path/to/file.py:Class`` (kdlab's own model names contain no colon)."""
+    return ":" in name
+
+
+def _load_file_module(path: Path) -> Any:
+    resolved = path.resolve()
+    mod_name = f"kdlab_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, resolved)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"user model: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[mod_name]
+        raise ConfigError(f"user model: importing {path} failed: {type(err).__name__}: {err}") from None
+    return module
+
+
+def resolve_user_class(name: str) -> type[nn.Module]:
+    """The class named by ``module.path:Class`` or ``file.py:Class`` (one-line :class:`ConfigError` otherwise)."""
+    where, _, attr = name.rpartition(":")
+    if not where or not attr:
+        raise ConfigError(f"user model '{name}' must look like package.module:Class or path/to/file.py:Class")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"user model '{name}': file not found: {where}")
+        module = _load_file_module(path)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ConfigError(f"user model '{name}': cannot import '{where}': {err}") from None
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"user model '{name}': '{where}' has no attribute '{attr}'")
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)) and not callable(obj):
+        raise ConfigError(f"user model '{name}' is not an nn.Module class or factory")
+    return obj  # type: ignore[return-value]
+
+
+def build_user_model(
+    name: str, num_classes: int, classifier: str | None, features: str | None = None, **kwargs: Any
+) -> TappedModel:
+    """Instantiate the user's model and wrap it in a :class:`TappedModel`.
+
+    ``num_classes`` is passed to the constructor when it accepts such a parameter; otherwise the classifier's
+    ``out_features`` must equal it.
+    """
+    if not classifier:
+        raise ConfigError(f"model.classifier is required for the user model '{name}' (the final nn.Linear's path)")
+    cls = resolve_user_class(name)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        model = cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"user model '{name}' returned {type(model).__name__}, not an nn.Module")
+    tapped = TappedModel(model, classifier, features)
+    out = tapped.classifier.out_features
+    if out != num_classes:
+        raise ConfigError(f"model '{name}': classifier '{classifier}' has {out} outputs but the data has {num_classes}")
+    return tapped

@@ -1,0 +1,138 @@
+"""Every CIFAR-100 recipe and study spec validates: ``kdlab train/distill/sweep/chain --dry-run`` builds data, models
+and method and exits 0, on a tiny fake CIFAR-100 folder and teacher checkpoints made here (random weights)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS
+
+CIFAR = CONFIGS / "cifar100"
+
+
+def _recipes() -> list[Path]:
+    out = []
+    for p in sorted(CIFAR.rglob("*.yaml")):
+        if p.name == "base.yaml" or p.name.startswith("_"):
+            continue  # shared bases and method sections, not runnable on their own
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_cifar100")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        np.savez(root / f"{split}.npz", images=images, fine_labels=np.arange(n) % 100)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """A random-weights .safetensors per architecture, made on first use."""
+    from kdlab.engine import checkpoint as ck
+    from kdlab.models import build
+
+    folder = tmp_path_factory.mktemp("teachers")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            made[arch] = folder / f"{arch}.safetensors"
+            ck.save_weights(made[arch], build(arch, num_classes=100).state_dict())
+        return made[arch]
+
+    return get
+
+
+def _overrides(path: Path, fake_cifar: Path, checkpoints) -> list[str]:
+    from kdlab.config import read_recipe, read_yaml
+    from kdlab.pipelines.plan import is_spec
+
+    ov = [f"data.root={fake_cifar}", "train.device=cpu", "train.threads=1"]
+    raw = read_yaml(path)
+    recipes = [path]
+    if is_spec(raw):
+        if "stages" in raw:
+            return ov  # the chain's teachers are its own stages (built with random weights by the dry run)
+        recipes = [path.parent / raw["recipe"]]
+    teachers = {(read_recipe(r).get("teacher") or {}).get("name") for r in recipes} - {None}
+    members = [m for r in recipes for m in ((read_recipe(r).get("teacher") or {}).get("ensemble") or [])]
+    assert len(teachers) <= 1, f"{path}: stages with recipe teachers of different architectures"
+    if teachers:
+        ov.append(f"teacher.checkpoint={checkpoints(teachers.pop())}")
+    if members:
+        items = ", ".join(f"{{name: {m['name']}, checkpoint: {checkpoints(m['name'])}}}" for m in members)
+        ov.append(f"teacher.ensemble=[{items}]")
+    return ov
+
+
+@pytest.fixture
+def no_weight_init(monkeypatch):
+    """Skip random weight initialisation (≈ half the cost of building the zoo's models on CPU): a dry run checks
+    that recipes build and fit together, not the values of the initial weights."""
+    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "xavier_uniform_", "xavier_normal_",
+                 "trunc_normal_", "orthogonal_"):
+        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, **k: t)
+
+
+def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init, tmp_path, capsys):
+    from kdlab.cli import main
+    from kdlab.config import read_recipe, read_yaml
+    from kdlab.methods import METHODS
+    from kdlab.pipelines.plan import is_spec
+
+    recipes = _recipes()
+    assert len(recipes) > 200  # the paper families (see docs/studies.md)
+    failures, slow = [], []
+    for i, path in enumerate(recipes):
+        raw = read_yaml(path)
+        ov = _overrides(path, fake_cifar, checkpoints)
+        if is_spec(raw):
+            cmd = "chain" if "stages" in raw else "sweep"
+            args = [cmd, path, *ov, "--dry-run", "--out", tmp_path / f"p{i}"]
+        else:
+            method = (read_recipe(path).get("method") or {}).get("name", "ce")
+            cmd = "distill" if METHODS.get(method).needs_teacher else "train"
+            args = [cmd, path, *ov, "--dry-run", "--out", tmp_path / f"r{i}"]
+        t0 = time.perf_counter()
+        code = main(args)
+        slow.append((time.perf_counter() - t0, path.name))
+        out = capsys.readouterr()
+        if code != 0 or "dry run ok" not in out.out:
+            failures.append(f"{path.relative_to(CIFAR)}: exit {code}: {out.err.strip()[-300:]}")
+    assert not failures, "\n".join(failures)
+    assert not any(tmp_path.iterdir()), "a dry run wrote into its --out folder"
+
+
+def test_recipes_record_paper_numbers():
+    """Every recipe of the paper families names its source in meta.paper; numbers are plausible top-1 values."""
+    from kdlab.config import read_recipe, read_yaml
+    from kdlab.pipelines.plan import is_spec, load_plan
+
+    n_numbers = 0
+    for path in _recipes():
+        if path.parent == CIFAR:
+            continue  # recipes of other families (top-level files)
+        raw = read_yaml(path)
+        if is_spec(raw):  # every run of a sweep/chain carries a source (from the spec, its stages or recipes)
+            for task in load_plan(path).expand(Path("/nonexistent")):
+                assert task.cfg.meta.get("paper"), f"{path}: run {task.out} has no meta.paper"
+                top1 = task.cfg.meta.get("paper_top1")
+                assert top1 is None or 40 < top1 < 90, path
+            continue
+        meta = read_recipe(path).get("meta") or {}
+        assert meta.get("paper"), f"{path}: meta.paper missing"
+        top1 = meta.get("paper_top1")
+        if top1 is not None:
+            assert 40 < top1 < 90, path
+            n_numbers += 1
+    assert n_numbers > 200

@@ -128,7 +128,7 @@ def test_analyze_ce_run_with_and_without_teacher(runs, capsys):
         (["analyze", "{kd}", "--teacher", "{root}/missing.safetensors", "--overwrite"], "checkpoint not found"),
         (["analyze", "{kd}", "--teacher", "{teacher}", "--no-teacher", "--overwrite"], "exclude each other"),
         (["analyze", "{kd}", "--device", "gpu", "--overwrite"], "device must be"),
-        (["report", "{root}/teacher"], "run `kdlab analyze"),
+        (["report", "{root}/missing", "--out", "{root}/r.html"], "no such run or folder"),
         (["report", "{kd}", "--out", "{root}/report.txt"], "must name an .html file"),
     ],
 )
@@ -184,3 +184,19 @@ def test_analyze_with_an_ensemble_teacher(runs):
     assert "ensemble" in s["teacher"]["name"] and "teacher_features" in s["skipped"]
     assert "teacher" in s["logit_stats"] and "teacher" not in s["figures"]["feature_norm_pdf"]
     assert "logit_distance_pdf" in s["figures"] and "no final linear classifier" in s["skipped"]["alignment"]
+
+
+def test_report_puts_our_accuracy_next_to_the_papers_number(tmp_path, capsys):
+    """Runs that were never analysed still get a row: mean ± std over seeds, the paper's number and Δ."""
+    from conftest import CONFIGS, SMALL
+
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        assert main(["train", str(CONFIGS / "mnist1d" / "student_ce.yaml"), *SMALL, f"seed={seed}",
+                     "meta.paper_top1=70.5", "meta.paper=made-up table", "--out", str(sweep / f"s{seed}")]) == 0
+    out = tmp_path / "r.html"
+    assert main(["report", str(sweep), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Accuracy, ours vs the papers" in text and "70.50" in text and "made-up table" in text
+    accs = [json.loads((sweep / f"s{s}" / "summary.json").read_text())["best_test_acc"] for s in (0, 1)]
+    assert f"{max(accs) - 70.5:+.2f}" in text or f"{sum(accs) / 2 - 70.5:+.2f}" in text

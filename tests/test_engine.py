@@ -150,3 +150,15 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 7))
+
+
+def test_resume_accepts_a_run_saved_before_a_config_key_existed(tmp_path):
+    """config.yaml of an older kdlab lacks newer keys; resuming fills in their defaults instead of refusing."""
+    import yaml
+
+    out = tmp_path / "r"
+    run(_cfg("train.epochs=1"), out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["shift"], saved["train"]["compile"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert Trainer(_cfg("train.epochs=2"), out, resume=True).run().summary["epochs"] == 2

@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from kdlab.config import RunConfig, load_config, read_yaml
+from kdlab.config import RunConfig, load_config
 from kdlab.data import build_dataset
 from kdlab.engine import Trainer
 from kdlab.engine.rundir import is_run_dir
@@ -30,7 +30,7 @@ def recipe_path(name: str) -> Path:
 
 def _run_or_reuse(cfg: RunConfig, out: Path, log, **kwargs) -> dict:
     """Reuse a finished run with the same config, resume an interrupted one, or start it."""
-    if (out / "summary.json").is_file() and read_yaml(out / "config.yaml") == cfg.to_dict():
+    if (out / "summary.json").is_file() and load_config(out / "config.yaml").to_dict() == cfg.to_dict():
         return json.loads((out / "summary.json").read_text())
     resume = is_run_dir(out)
     return Trainer(cfg, out, resume=resume, log=log, **kwargs).run().summary

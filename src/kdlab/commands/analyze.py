@@ -63,12 +63,13 @@ def analyze(args: argparse.Namespace) -> int:
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="analysed run directories (see `kdlab analyze`)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run or sweep directories; analysed runs (`kdlab analyze`) also get the instrument sections")
     p.add_argument("--out", default="kdlab_report.html", metavar="FILE.html", help="default: kdlab_report.html")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-@command("report", "one self-contained HTML page comparing analysed runs", _report_args)
+@command("report", "one self-contained HTML page comparing runs and sweeps (with the papers' numbers)", _report_args)
 def report(args: argparse.Namespace) -> int:
     from kdlab.instruments.report import write_report
 

@@ -181,9 +181,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
 
     def _check_same_config(self) -> None:
-        from kdlab.config import read_yaml
+        from kdlab.config import load_config
 
-        saved = read_yaml(self.out / "config.yaml")
+        # through the current schema, so that keys added to kdlab since the run started take their defaults
+        saved = load_config(self.out / "config.yaml").to_dict()
         now = self.cfg.to_dict()
         ignore = {"train.progress", "train.threads", "train.device", "train.epochs"}
         diff = _first_difference(saved, now, ignore)

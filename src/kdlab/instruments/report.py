@@ -154,21 +154,35 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
         raise KdlabError(f"{out} exists and is not a file")
     if not out.parent.is_dir():
         raise KdlabError(f"folder {out.parent} does not exist")
-    summaries = [load_summary(d) for d in run_dirs]
+    from kdlab.pipelines.compare import compare_rows, comparison_records
+
+    # runs analysed with `kdlab analyze` get the instrument sections; every run or sweep folder gets a row in the
+    # accuracy table, next to the paper's number recorded in its recipe's `meta`
+    analysed = [d for d in run_dirs if (Path(d) / ANALYSIS_DIR / SUMMARY).is_file()]
+    accuracy = comparison_records(compare_rows(run_dirs))
+    if not analysed and not accuracy:
+        raise KdlabError(f"no kdlab runs or analyses found in {', '.join(map(str, run_dirs))}")
+    summaries = [load_summary(d) for d in analysed]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>kdlab report</title><style>{CSS}</style></head><body>",
         "<h1>kdlab report</h1>",
-        f"<p>{len(summaries)} run(s); numbers measured by <code>kdlab analyze</code> on each run's split "
-        "(see each run's <code>analysis/summary.json</code>).</p>",
-        "<h2>Comparison</h2>",
-        _table(comparison_rows(summaries)),
-        "<p>r(μ, loss): Pearson correlation between classifier alignment μ and the training loss over epochs "
-        "(all epochs; 2nd half: after the first half of training, the paper's protocol).</p>",
+        "<h2>Accuracy, ours vs the papers</h2>",
+        _table(accuracy) if accuracy else "<p>no finished runs</p>",
+        "<p>mean ± std over seeds (n runs); paper: the number recorded in the recipe's <code>meta.paper_top1</code>; "
+        "Δ = our best − paper.</p>",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        figs = cross_run_figures(summaries, Path(tmp))
-        parts.append("<div class='grid'>" + "".join(_img(p, p.stem) for p in figs) + "</div>")
-    for d, s in zip(run_dirs, summaries):
+    if summaries:
+        parts += [
+            f"<h2>Instruments</h2><p>{len(summaries)} analysed run(s); numbers measured by <code>kdlab analyze</code> "
+            "on each run's split (see each run's <code>analysis/summary.json</code>).</p>",
+            _table(comparison_rows(summaries)),
+            "<p>r(μ, loss): Pearson correlation between classifier alignment μ and the training loss over epochs "
+            "(all epochs; 2nd half: after the first half of training, the paper's protocol).</p>",
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            figs = cross_run_figures(summaries, Path(tmp))
+            parts.append("<div class='grid'>" + "".join(_img(p, p.stem) for p in figs) + "</div>")
+    for d, s in zip(analysed, summaries):
         parts.append(f"<h2>{html.escape(s['label'])}</h2>")
         parts.append(f"<p>run <code>{html.escape(str(d))}</code>, {s['num_samples']} {s['split']} samples")
         if s.get("teacher"):

@@ -20,7 +20,21 @@ from kdlab.engine import Trainer
 from kdlab.engine.rundir import is_run_dir
 from kdlab.errors import KdlabError
 
+#: the default demo (issue 2): CE only, KD and MSE
 STUDENT_RECIPES = {"CE (no teacher)": "student_ce.yaml", "KD (T=4)": "student_kd.yaml", "MSE (logits)": "student_mse.yaml"}
+#: ``kdlab demo --methods all``: every logit method of the catalog, with and without Z-score standardization
+CATALOG_RECIPES = {
+    **STUDENT_RECIPES,
+    "KD + Z-score": "student_kd_zscore.yaml",
+    "KD T=inf (kd_inf)": "student_kd_inf.yaml",
+    "LM": "student_lm.yaml",
+    "DKD": "student_dkd.yaml",
+    "DKD + Z-score": "student_dkd_zscore.yaml",
+    "CTKD": "student_ctkd.yaml",
+    "CTKD + Z-score": "student_ctkd_zscore.yaml",
+    "MLKD (2 views)": "student_mlkd.yaml",
+    "MLKD + Z-score (2 views)": "student_mlkd_zscore.yaml",
+}
 
 
 def recipe_path(name: str) -> Path:
@@ -54,7 +68,9 @@ def bar_chart(rows: dict[str, list[float]], teacher_acc: float, path: Path) -> N
     means = [statistics.mean(v) for v in rows.values()]
     sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in rows.values()]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(names, means, yerr=sds, capsize=5, color=["#8c8c8c", "#4c72b0", "#dd8452"][: len(names)])
+    fig.set_size_inches(max(6, 0.9 * len(names)), 3.6)
+    ax.bar(names, means, yerr=sds, capsize=5, color=(["#8c8c8c"] + ["#4c72b0", "#dd8452"] * len(names))[: len(names)])
+    ax.tick_params(axis="x", labelrotation=30 if len(names) > 3 else 0, labelsize=8)
     ax.axhline(teacher_acc, ls="--", color="k", lw=1, label=f"teacher CNN {teacher_acc:.1f}%")
     lo = min(m - s for m, s in zip(means, sds))
     ax.set_ylim(max(0.0, lo - 10), 100)
@@ -75,6 +91,7 @@ def run_demo(
     student_epochs: int = 40,
     overwrite: bool = False,
     log=None,
+    recipes: dict[str, str] | None = None,
 ) -> str:
     """Run the demo and return the markdown table (also printed and written to ``out/results.md``)."""
     if seeds < 1 or teacher_epochs < 1 or student_epochs < 1:
@@ -103,7 +120,7 @@ def run_demo(
     log(f"[demo] teacher test accuracy {teacher['final_test_acc']:.2f}% ({time.perf_counter() - t0:.0f}s)")
 
     rows: dict[str, list[float]] = {}
-    for label, recipe in STUDENT_RECIPES.items():
+    for label, recipe in (recipes or STUDENT_RECIPES).items():
         for seed in range(seeds):
             over = quiet + [f"seed={seed}", f"train.epochs={student_epochs}"]
             cfg = load_config(recipe_path(recipe), over)

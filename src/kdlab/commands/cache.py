@@ -17,7 +17,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, required=True, help="augmented views per training sample (= epochs for exact replay)")
     p.add_argument("--out", required=True, help="cache file to write (.safetensors)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
-    p.add_argument("--fields", default="logits", help="comma-separated: logits,pooled,prepool (default: logits)")
+    p.add_argument("--fields", help="comma-separated subset of logits,pooled,prepool (default: what the recipe's method reads)")
     p.add_argument("--batch-size", type=int, default=512, help="teacher batch size (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache file")
 
@@ -43,12 +43,18 @@ def cache_teacher(args: argparse.Namespace) -> int:
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
     teacher = load_teacher(cfg.teacher, data.num_classes).to(device)
+    if args.fields:
+        fields = tuple(f.strip() for f in args.fields.split(","))
+    else:
+        from kdlab.methods import METHODS
+
+        fields = METHODS.get(cfg.method.name).teacher_outputs or ("logits",)
     seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
     t0 = time.perf_counter()
     meta = {"teacher": cfg.teacher.name, "teacher_sha256": teacher_fingerprint(cfg.teacher),
             "data": cfg.data.model_dump(mode="json")}  # fmt: skip
     build_cache(
-        teacher, data, args.views, out, augment_seed=seed, fields=tuple(f.strip() for f in args.fields.split(",")),
+        teacher, data, args.views, out, augment_seed=seed, fields=fields,
         dtype=getattr(torch, args.dtype), batch_size=args.batch_size, meta=meta,
         progress=lambda v, n: print(f"view {v}/{n} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr),
     )  # fmt: skip

@@ -81,6 +81,37 @@ class ImageAugment:
     def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(x)
 
+    def strong_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """A second, strong view (for two-view methods such as MLKD): an independent crop + flip, per-sample
+        brightness / contrast / saturation jitter (factors in [0.6, 1.4]) and one 16×16 cutout, then normalisation.
+
+        A batched stand-in for the AutoAugment-style policy of the MLKD release (not the same policy); like the weak
+        view it is a pure function of ``(seed, epoch, sample index)``.
+        """
+        n = self.num_samples
+        g = generator(seed, "strong", epoch)
+        p = AugmentParams(torch.randint(0, 2 * self.pad + 1, (n,), generator=g),
+                          torch.randint(0, 2 * self.pad + 1, (n,), generator=g),
+                          torch.randint(0, 2, (n,), generator=g).bool())  # fmt: skip
+        jitter = torch.empty(n, 3).uniform_(0.6, 1.4, generator=g)
+        cut = torch.randint(0, x.shape[-1], (n, 2), generator=g)
+        dev = x.device
+        idx = index.cpu()
+        x = self.crop_flip(x, AugmentParams(p.dy[idx].to(dev), p.dx[idx].to(dev), p.flip[idx].to(dev))).float() / 255
+        j = jitter[idx].to(dev)
+        x = x * j[:, 0, None, None, None]  # brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * j[:, 1, None, None, None] + mean  # contrast
+        gray = x.mean(dim=1, keepdim=True)
+        x = ((x - gray) * j[:, 2, None, None, None] + gray).clamp_(0, 1)  # saturation
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, device=dev)[None, :, None]
+        cols = torch.arange(w, device=dev)[None, None, :]
+        cy, cx = cut[idx, 0].to(dev)[:, None, None], cut[idx, 1].to(dev)[:, None, None]
+        hole = ((rows - cy).abs() < 8) & ((cols - cx).abs() < 8)
+        x = x.masked_fill(hole[:, None], 0.0)
+        return self.normalize((x * 255).round().to(torch.uint8))
+
 
 @dataclass
 class VectorTransform:
@@ -114,3 +145,12 @@ class VectorTransform:
 
     def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def strong_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """A strong view for two-view methods: a translation of up to ±max(2·shift, 4) samples plus Gaussian noise
+        (σ = 0.1), a pure function of ``(seed, epoch, sample index)``."""
+        strong = VectorTransform(max(2 * self.shift, 4), self.num_samples)
+        x = strong.train_batch(x, index, seed, -epoch)  # its own stream (negative epoch key)
+        g = generator(seed, "strong-noise", epoch)
+        noise = torch.randn(self.num_samples, x.shape[-1], generator=g)[index.cpu()].to(x.device)
+        return x + 0.1 * noise.reshape(x.shape)

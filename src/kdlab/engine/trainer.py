@@ -68,10 +68,14 @@ class Objective(nn.Module):
         self.method = method
 
     def forward(
-        self, x: torch.Tensor, teacher: ModelOutput | None, target: torch.Tensor, epoch: int
-    ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+        self, x: torch.Tensor, teacher: ModelOutput | None, target: torch.Tensor, epoch: int,
+        x_strong: torch.Tensor | None = None, teacher_strong: ModelOutput | None = None,
+    ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:  # fmt: skip
         s_out = _features(self.student, x)
-        return s_out, self.method.losses(s_out, teacher, target, epoch)
+        if x_strong is None:
+            return s_out, self.method.losses(s_out, teacher, target, epoch)
+        strong = (_features(self.student, x_strong), teacher_strong)  # separate forwards, as two-view methods do
+        return s_out, self.method.losses(s_out, teacher, target, epoch, strong=strong)
 
 
 class Trainer:
@@ -137,6 +141,8 @@ class Trainer:
                     f"augment seed {self.cache.info.augment_seed}"
                 )
             self.augment_seed = self.cache.info.augment_seed
+            if self.method.views > 1:
+                raise ConfigError(f"method '{cfg.method.name}' trains on two views; a teacher cache holds one per epoch")
         example = self.data.transform.eval_batch(self.data.train.x[:2])
         self.method.setup(self.student, self.teacher, example)
         self.method.to(self.device)
@@ -268,8 +274,12 @@ class Trainer:
             global_n = min(bsz, n - step * bsz)
             uses_teacher = self.teacher is not None and self.method.teacher_outputs
             t_out = self.teacher_outputs(x, idx, epoch) if uses_teacher else None
+            views: tuple = ()
+            if self.method.views == 2:  # a strong view of the same samples (MLKD)
+                xs = self.data.transform.strong_batch(self.data.train.x[idx], idx, self.augment_seed, epoch)
+                views = (xs, self.teacher_outputs(xs, idx, epoch) if uses_teacher else None)
             with self._autocast():
-                s_out, terms = self.objective(x, t_out, y, epoch)
+                s_out, terms = self.objective(x, t_out, y, epoch, *views)
                 loss = sum(terms.values())
             assert isinstance(loss, torch.Tensor)
             # DDP averages gradients over ranks; weighting by the local share makes that the global-batch mean

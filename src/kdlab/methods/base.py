@@ -29,6 +29,9 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = True
     #: which teacher outputs ``losses`` reads (``logits``, ``pooled``, ``prepool``): a teacher cache must hold them
     teacher_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    #: 2 for methods trained on a weak and a strong view of each sample (MLKD): ``losses`` then also receives
+    #: ``strong=(student_output, teacher_output)`` of the strong view
+    views: ClassVar[int] = 1
 
     def __init__(self, params: MethodParams) -> None:
         super().__init__()
@@ -38,7 +41,7 @@ class Method(nn.Module):
         """Build parts whose shapes depend on the models (called once with an example batch)."""
 
     def losses(
-        self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int
+        self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int, **views: object
     ) -> dict[str, torch.Tensor]:
         """Named loss terms, already weighted; the training loss is their sum."""
         raise NotImplementedError

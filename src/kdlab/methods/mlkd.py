@@ -45,20 +45,24 @@ class MLKD(Method):
     (:func:`kdlab.losses.mlkd_terms`): CE + instance-level KD at several temperatures + batch-level (B×B) and
     class-level (K×K) prediction-correlation alignment with teacher-confidence masks.
 
-    The release trains on a weak and a strong augmentation of each image. kdlab's engine provides one view, which
-    serves as both: this is exactly the released objective for two identical views (so CE and the unmasked
-    instance-level KD appear twice). ``standardize`` acts on the instance-level terms, as the release's
+    The release trains on a weak and a strong augmentation of each image; so does kdlab (``views = 2``: the engine
+    passes the strong view's student and teacher outputs as ``strong``; the strong augmentation is the transform's
+    ``strong_batch``, a batched stand-in for the release's AutoAugment-style policy). Called without ``strong``
+    (e.g. from a user's own loop) the weak view serves as both. ``standardize`` acts on the instance-level terms, as the release's
     ``logit_stand`` (recipe there: base temperature 2, KD weight 9).
     """
 
     Params = MLKDParams
+    views = 2
 
     def losses(
-        self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int
-    ) -> dict[str, torch.Tensor]:
+        self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int,
+        strong: tuple[ModelOutput, ModelOutput] | None = None, **_: object,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         p = self.params
         assert teacher is not None
+        s_strong, t_strong = (strong[0].logits, strong[1].logits) if strong is not None else (None, None)
         return L.mlkd_terms(
-            student.logits, teacher.logits, target, None, None, p.temperatures, p.ce_weight, p.kd_weight,
+            student.logits, teacher.logits, target, s_strong, t_strong, p.temperatures, p.ce_weight, p.kd_weight,
             standardizer(p), p.mask_mode, p.release_quirks,
         )  # fmt: skip

@@ -301,19 +301,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_dotted(raw: dict[str, Any], parts: list[str] | tuple[str, ...], value: Any, where: str) -> None:
+    """Set ``raw[a][b]...[z] = value`` for ``parts = (a, b, ..., z)``, creating sections; ``where`` names the source
+    in the error raised when a path goes through a value that is not a section."""
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings to a raw mapping (unknown keys are caught later by validation)."""
     for text in overrides:
         parts, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_dotted(raw, parts, value, f"override '{text}'")
     return raw
 
 

@@ -30,7 +30,7 @@ release is the default and a switch gives the alternative:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -90,6 +90,19 @@ def _soft(x: torch.Tensor, t: float, standardize: Standardize) -> torch.Tensor:
     return F.softmax(_standardize(x, standardize) / t, dim=1)
 
 
+def _gram_alignment(
+    student: torch.Tensor, teacher: torch.Tensor, temperatures: Sequence[float], mask: torch.Tensor | None,
+    mask_mode: MaskMode, standardize: Standardize, gram: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # fmt: skip
+    """``Σ_T masked(Σ (gram(P^t) − gram(P^s))² / n)``, n the side of the square Gram matrix (B or K)."""
+    out = student.new_zeros(())
+    for t in temperatures:
+        gs, gt = gram(_soft(student, t, standardize)), gram(_soft(teacher, t, standardize))
+        per = (gt - gs).square() / gt.shape[0]
+        out = out + _apply_mask(per, per.sum(), mask, mask_mode)
+    return out
+
+
 def mlkd_batch(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -102,13 +115,7 @@ def mlkd_batch(
 
     ``mask`` is the ``(B,)`` sample mask (in ``"per_sample"`` mode it masks the columns ``j``).
     """
-    b = student.shape[0]
-    out = student.new_zeros(())
-    for t in temperatures:
-        ps, pt = _soft(student, t, standardize), _soft(teacher, t, standardize)
-        per = (pt @ pt.T - ps @ ps.T).square() / b
-        out = out + _apply_mask(per, per.sum(), mask, mask_mode)
-    return out
+    return _gram_alignment(student, teacher, temperatures, mask, mask_mode, standardize, lambda p: p @ p.T)
 
 
 def mlkd_class(
@@ -123,13 +130,7 @@ def mlkd_class(
 
     ``mask`` is the ``(K,)`` class mask (in ``"per_sample"`` mode it masks the columns ``l``).
     """
-    k = student.shape[1]
-    out = student.new_zeros(())
-    for t in temperatures:
-        ps, pt = _soft(student, t, standardize), _soft(teacher, t, standardize)
-        per = (pt.T @ pt - ps.T @ ps).square() / k
-        out = out + _apply_mask(per, per.sum(), mask, mask_mode)
-    return out
+    return _gram_alignment(student, teacher, temperatures, mask, mask_mode, standardize, lambda p: p.T @ p)
 
 
 def mlkd_terms(

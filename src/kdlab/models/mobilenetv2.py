@@ -9,11 +9,11 @@ one prints nothing. Initialisation as in the reference: conv N(0, 2/(k·k·out))
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
+from kdlab.models.vgg import init_normal_fan_out
 from kdlab.models.base import ModelOutput, ZooModel
 
 # expansion t, output channels c, repeats n, first stride s (the reference's ``interverted_residual_setting``)
@@ -68,18 +68,7 @@ class MobileNetV2(ZooModel):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self)
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = self.conv1(x)

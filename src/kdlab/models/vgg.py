@@ -34,6 +34,23 @@ def _stage(widths: list[int], in_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # the stage ends with BN; its ReLU is applied in forward
 
 
+def init_normal_fan_out(model: nn.Module) -> None:
+    """The VGG / MobileNetV2 initialisation of the standard zoo: conv weights N(0, √(2 / (k·k·out))), zero conv bias,
+    BatchNorm 1 / 0, Linear N(0, 0.01) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 class VGG(ZooModel):
     """VGG with batch norm for 32×32 (or 64×64) inputs."""
 
@@ -52,18 +69,7 @@ class VGG(ZooModel):
         self.pool3 = nn.MaxPool2d(2, 2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self)
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         h = x.shape[2]

@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from kdlab.config import RunConfig, parse_override, read_recipe, read_yaml, validate
+from kdlab.config import RunConfig, parse_override, read_recipe, read_yaml, set_dotted, validate
 from kdlab.errors import ConfigError, KdlabError
 
 #: one override: the dotted key split into parts, and its value
@@ -240,15 +240,7 @@ class Task:
 
 
 def _set(raw: dict[str, Any], parts: tuple[str, ...], value: Any, where: str) -> None:
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
-        node = nxt
-    node[parts[-1]] = _copy(value)
+    set_dotted(raw, parts, _copy(value), where)
 
 
 def _copy(value: Any) -> Any:

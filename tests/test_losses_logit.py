@@ -27,13 +27,7 @@ B, K = 6, 7
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(seed: int, b: int = B, k: int = K, scale: float = 3.0, dtype: torch.dtype = F64) -> torch.Tensor:

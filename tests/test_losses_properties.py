@@ -18,13 +18,7 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 ALG1 = functools.partial(L.zscore, ddof=0, eps=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

@@ -19,13 +19,7 @@ LOGIT_METHODS = ["ce", "kd", "kd_inf", "lm", "mse", "dkd", "ctkd", "mlkd"]
 B, K = 8, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def out(seed: int, scale: float = 3.0, requires_grad: bool = False) -> ModelOutput:

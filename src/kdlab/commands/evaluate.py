@@ -20,11 +20,10 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a weights file (.safetensors or run directory)", _args, config_epilog=True)
 def evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from kdlab.config import load_config
-    from kdlab.data import batches, build_dataset
+    from kdlab.data import build_dataset
     from kdlab.engine import checkpoint as ck
+    from kdlab.engine.evaluation import evaluate_split
     from kdlab.engine.trainer import select_device
     from kdlab.models import build
 
@@ -41,11 +40,7 @@ def evaluate(args: argparse.Namespace) -> int:
     ck.load_into(model, ck.load_weights_file(path), cfg.model.name, f"checkpoint {path}")
     model.to(device).eval()
     split = getattr(data, args.split)
-    correct = 0
-    with torch.inference_mode():
-        for x, y, _ in batches(split, data.transform, cfg.train.eval_batch_size, train=False):
-            correct += int((model(x).argmax(1) == y).sum())
-    acc = 100.0 * correct / len(split)
+    acc = evaluate_split(model, split, data.transform, cfg.train.eval_batch_size)["acc"]
     result = {"checkpoint": str(path), "model": cfg.model.name, "split": args.split, "n": len(split), "acc": acc}
     print(json.dumps(result) if args.json else f"{cfg.model.name} {args.split} accuracy: {acc:.2f}% (n={len(split)})")
     return 0

@@ -40,6 +40,7 @@ class ImageAugment:
     flip: bool = True
     enabled: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
+    _consts: dict = field(default_factory=dict, repr=False)
 
     def epoch_params(self, seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> AugmentParams:
         """Augmentation parameters of every sample for one epoch (drawn once per epoch, indexed per batch)."""
@@ -67,8 +68,11 @@ class ImageAugment:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 → float, scaled to [0, 1] and standardised per channel."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        key = ("norm", str(x.device))
+        if key not in self._consts:  # built once per device, not copied to the device every batch
+            self._consts[key] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
+                                 torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))  # fmt: skip
+        mean, std = self._consts[key]
         return (x.float().div_(255.0) - mean) / std
 
     def train_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.callbacks import CALLBACKS, Callback
 from kdlab.engine.distributed import DistInfo, init_distributed, shard
+from kdlab.engine.evaluation import evaluate_split
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
 from kdlab.engine.teacher_cache import TeacherCache
@@ -212,19 +213,13 @@ class Trainer:
         ck.optimizer_from_state(self.optimizer, t, state.meta["optimizer"])
         torch.set_rng_state(t["rng.torch"])
 
-    @torch.inference_mode()
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Top-1 accuracy (%) and cross-entropy of the method's test-time prediction on a split."""
-        data = getattr(self.data, split)
         self.student.eval()
-        correct = torch.zeros((), device=self.device)
-        loss = torch.zeros((), device=self.device)
-        for x, y, _ in batches(data, self.data.transform, self.cfg.train.eval_batch_size, train=False):
-            logits = self.method.predict(_features(self.student, x))
-            correct += (logits.argmax(1) == y).sum()
-            loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        n = len(data)
-        return {"acc": 100.0 * correct.item() / n, "loss": loss.item() / n}
+        return evaluate_split(
+            lambda x: self.method.predict(_features(self.student, x)), getattr(self.data, split),
+            self.data.transform, self.cfg.train.eval_batch_size,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def _teacher_forward(self, x: torch.Tensor) -> ModelOutput:
@@ -406,13 +401,10 @@ class Trainer:
         self.dist.barrier()
         return RunResult(self.out, summary)
 
-    @torch.inference_mode()
     def _teacher_accuracy(self) -> float:
-        assert self.teacher is not None
-        correct = 0
-        for x, y, _ in batches(self.data.test, self.data.transform, self.cfg.train.eval_batch_size, train=False):
-            correct += int((self._teacher_forward(x).logits.argmax(1) == y).sum())
-        return 100.0 * correct / len(self.data.test)
+        return evaluate_split(
+            lambda x: self._teacher_forward(x).logits, self.data.test, self.data.transform, self.cfg.train.eval_batch_size
+        )["acc"]
 
 
 def _first_difference(a: Any, b: Any, ignore: set[str], prefix: str = "") -> str | None:

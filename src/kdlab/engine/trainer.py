@@ -7,7 +7,6 @@ epoch from the last finished one and ends with exactly the weights of an uninter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +26,9 @@ from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.callbacks import CALLBACKS, Callback
 from kdlab.engine.distributed import DistInfo, init_distributed, shard
 from kdlab.engine.evaluation import evaluate_split
+from kdlab.engine.fastpath import FastPath
+from kdlab.engine.optim import build_optimizer
+from kdlab.engine.resume import check_same_config
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
 from kdlab.engine.schedule import lr_at
 from kdlab.engine.teacher_cache import TeacherCache
@@ -106,7 +108,29 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.train.device)
         check_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume:
-            self._check_same_config()
+            check_same_config(cfg, self.out)
+        self._setup_device()
+        self.method: Method = build_method(cfg.method.name, cfg.method.params())
+        if self.method.needs_teacher and cfg.teacher is None:
+            raise ConfigError(f"method '{cfg.method.name}' needs a teacher: set teacher.name and teacher.checkpoint")
+        data = dataset if dataset is not None else build_dataset(cfg.data)
+        self.data = data.to(self.device)
+        self._build_models(teacher)
+        self._setup_teacher_cache()
+        example = self.data.transform.eval_batch(self.data.train.x[:2])
+        self.method.setup(self.student, self.teacher, example)
+        self.method.to(self.device)
+        self._setup_fast_path(example)
+        self.optimizer = build_optimizer(cfg.optim, list(self.student.parameters()) + list(self.method.parameters()))
+        self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
+        for cb in self.callbacks:
+            cb.setup(self)  # validation only: nothing on disk has been touched yet
+        self.dist.barrier()  # every rank has validated before rank 0 touches the folder
+        if overwrite and self.dist.is_main:
+            clear_run(self.out)
+
+    def _setup_device(self) -> None:
+        cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
@@ -117,50 +141,46 @@ class Trainer:
         if cfg.train.batch_size < self.dist.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.dist.world} processes")
 
-        self.method: Method = build_method(cfg.method.name, cfg.method.params())
-        if self.method.needs_teacher and cfg.teacher is None:
-            raise ConfigError(f"method '{cfg.method.name}' needs a teacher: set teacher.name and teacher.checkpoint")
-        data = dataset if dataset is not None else build_dataset(cfg.data)
-        self.data = data.to(self.device)
+    def _build_models(self, teacher: nn.Module | None) -> None:
+        """The student (seeded initialisation) and, for methods that read one, the frozen teacher."""
+        cfg = self.cfg
         seed_everything(derive_seed(cfg.seed, "init"))
-        self.student = build(cfg.model, num_classes=data.num_classes).to(self.device)
+        self.student = build(cfg.model, num_classes=self.data.num_classes).to(self.device)
         self.teacher: nn.Module | None = None
         if self.method.needs_teacher:
             assert cfg.teacher is not None
             if cfg.teacher.ensemble and set(self.method.teacher_outputs) - {"logits"}:
                 raise ConfigError(f"method '{cfg.method.name}' needs teacher features; an ensemble teacher gives logits only")
-            self.teacher = (teacher if teacher is not None else load_teacher(cfg.teacher, data.num_classes)).to(self.device)
+            if teacher is None:
+                teacher = load_teacher(cfg.teacher, self.data.num_classes)
+            self.teacher = teacher.to(self.device)
             self.teacher.eval().requires_grad_(False)
+
+    def _setup_teacher_cache(self) -> None:
+        """Replay the teacher's outputs from ``teacher.cache`` when set (checked against data, teacher and method)."""
+        cfg = self.cfg
         self.cache: TeacherCache | None = None
         self.augment_seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
-        if self.teacher is not None and cfg.teacher is not None and cfg.teacher.cache:
-            self.cache = TeacherCache(cfg.teacher.cache, self.device)
-            self.cache.check(data, teacher_fingerprint(cfg.teacher), self.method.teacher_outputs)
-            if cfg.data.augment_seed not in (None, self.cache.info.augment_seed):
-                raise ConfigError(
-                    f"data.augment_seed={cfg.data.augment_seed} but the teacher cache was made with "
-                    f"augment seed {self.cache.info.augment_seed}"
-                )
-            self.augment_seed = self.cache.info.augment_seed
-            if self.method.views > 1:
-                raise ConfigError(f"method '{cfg.method.name}' trains on two views; a teacher cache holds one per epoch")
-        example = self.data.transform.eval_batch(self.data.train.x[:2])
-        self.method.setup(self.student, self.teacher, example)
-        self.method.to(self.device)
-        # fast path: NHWC for image models (default on CUDA), autocast, cudnn autotuning, optional compile
-        self.channels_last = (self.device.type == "cuda") if cfg.train.channels_last is None else cfg.train.channels_last
-        self.channels_last = self.channels_last and example.dim() == 4
-        if self.channels_last:
-            for m in (self.student, self.teacher, self.method):
-                if m is not None:
-                    m.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
-        self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        if self.teacher is None or cfg.teacher is None or not cfg.teacher.cache:
+            return
+        self.cache = TeacherCache(cfg.teacher.cache, self.device)
+        self.cache.check(self.data, teacher_fingerprint(cfg.teacher), self.method.teacher_outputs)
+        if cfg.data.augment_seed not in (None, self.cache.info.augment_seed):
+            raise ConfigError(
+                f"data.augment_seed={cfg.data.augment_seed} but the teacher cache was made with "
+                f"augment seed {self.cache.info.augment_seed}"
+            )
+        self.augment_seed = self.cache.info.augment_seed
+        if self.method.views > 1:
+            raise ConfigError(f"method '{cfg.method.name}' trains on two views; a teacher cache holds one per epoch")
+
+    def _setup_fast_path(self, example: torch.Tensor) -> None:
+        """Memory format, autocast, DDP wrapping and compile of the student step and the teacher forward."""
+        self.fast = FastPath(self.cfg.train, self.device, example)
+        self.fast.prepare(self.student, self.teacher, self.method)
+        self.channels_last = self.fast.channels_last
+        self.scaler = self.fast.scaler
+        self._autocast = self.fast.autocast
         self._teacher_fwd = self.teacher.forward_features if self.teacher is not None else None  # type: ignore[union-attr]
         self.objective: nn.Module = Objective(self.student, self.method)
         if self.dist.enabled:
@@ -169,34 +189,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DDP(self.objective, device_ids=ids, find_unused_parameters=any(
                 True for _ in self.method.parameters()))  # fmt: skip
-        if cfg.train.compile:
-            self.objective = torch.compile(self.objective)  # type: ignore[assignment]
-            if self._teacher_fwd is not None:
-                self._teacher_fwd = torch.compile(self._teacher_fwd)
-        params = list(self.student.parameters()) + list(self.method.parameters())
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
-        )
-        self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
-        for cb in self.callbacks:
-            cb.setup(self)  # validation only: nothing on disk has been touched yet
-        self.dist.barrier()  # every rank has validated before rank 0 touches the folder
-        if overwrite and self.dist.is_main:
-            clear_run(self.out)
+        self.objective = self.fast.maybe_compile(self.objective)  # type: ignore[assignment]
+        if self._teacher_fwd is not None:
+            self._teacher_fwd = self.fast.maybe_compile(self._teacher_fwd)
 
     # ----------------------------------------------------------------------------------------------------------------
-
-    def _check_same_config(self) -> None:
-        from kdlab.config import load_config
-
-        # through the current schema, so that keys added to kdlab since the run started take their defaults
-        saved = load_config(self.out / "config.yaml").to_dict()
-        now = self.cfg.to_dict()
-        ignore = {"train.progress", "train.threads", "train.device", "train.epochs"}
-        diff = _first_difference(saved, now, ignore)
-        if diff:
-            raise ConfigError(f"--resume with a different config: '{diff}' differs from {self.out / 'config.yaml'}")
 
     def _state(self, epoch: int, extra: dict[str, Any]) -> ck.TrainState:
         tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
@@ -405,19 +402,6 @@ class Trainer:
         return evaluate_split(
             lambda x: self._teacher_forward(x).logits, self.data.test, self.data.transform, self.cfg.train.eval_batch_size
         )["acc"]
-
-
-def _first_difference(a: Any, b: Any, ignore: set[str], prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if key in ignore:
-                continue
-            d = _first_difference(a.get(k), b.get(k), ignore, key)
-            if d:
-                return d
-        return None
-    return None if a == b else prefix
 
 
 def run(

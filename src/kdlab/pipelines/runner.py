@@ -51,7 +51,7 @@ def task_status(task: Task) -> str:
         raise KdlabError(f"{d} is not empty and is not a kdlab run; move it away")
     status = "done" if is_finished(d) else "resume"
     if (d / "config.yaml").is_file():
-        from kdlab.engine.trainer import _first_difference
+        from kdlab.engine.resume import first_difference
 
         ignore = VOLATILE | ({"train.epochs"} if status == "resume" else set())
         raw = read_yaml(d / "config.yaml")

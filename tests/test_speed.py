@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdlab.bench import PerImageCifar, format_report, run_bench
+from kdlab.bench import PilCifar, format_report, run_bench
 from kdlab.cli import main
 from kdlab.config import load_config
 from kdlab.data import CIFAR100_MEAN, CIFAR100_STD, ImageAugment
@@ -115,12 +115,12 @@ def test_fast_path_and_reference_loop_sample_the_same_augmentation_distribution(
     aug = ImageAugment(CIFAR100_MEAN, CIFAR100_STD, num_samples=n)
     batch = aug.crop_flip(chw.expand(n, -1, -1, -1).contiguous(), aug.epoch_params(0, 1, n))
     ours = [_identify(batch[i], padded) for i in range(n)]
-    ref_ds = PerImageCifar(img[None].repeat(n, 0), np.zeros(n, dtype=np.int64))
-    np.random.seed(0)
+    ref_ds = PilCifar(img[None].repeat(n, 0), np.zeros(n, dtype=np.int64), CIFAR100_MEAN, CIFAR100_STD)
+    torch.manual_seed(0)
     mean, std = torch.tensor(CIFAR100_MEAN).view(3, 1, 1), torch.tensor(CIFAR100_STD).view(3, 1, 1)
     theirs = []
     for i in range(n):
-        x, _ = ref_ds[i]
+        x, _, _ = ref_ds[i]
         raw = ((x * std + mean) * 255).round().to(torch.uint8)
         theirs.append(_identify(raw, padded))
     for draws in (ours, theirs):
@@ -129,7 +129,7 @@ def test_fast_path_and_reference_loop_sample_the_same_augmentation_distribution(
         fl = np.bincount([d[2] for d in draws], minlength=2)
         assert chisquare(dy).pvalue > 1e-3 and chisquare(dx).pvalue > 1e-3 and chisquare(fl).pvalue > 1e-3
     # and the normalised outputs agree exactly for the same (dy, dx, flip)
-    x_ref, _ = ref_ds[0]
+    x_ref, _, _ = ref_ds[0]
     dy, dx, fl = _identify(((x_ref * std + mean) * 255).round().to(torch.uint8), padded)
     from kdlab.data.augment import AugmentParams
 
@@ -138,8 +138,12 @@ def test_fast_path_and_reference_loop_sample_the_same_augmentation_distribution(
 
 
 def test_bench_small_runs_and_reports(capsys):
-    res = run_bench("resnet8", "resnet8", device="cpu", images=128, batch_size=64, workers=0, log=lambda m: None)
-    assert [r["mode"] for r in res["rows"]] == ["reference", "live", "cached", "student"]
-    assert all(r["images_per_s"] > 0 for r in res["rows"]) and res["peak_flops"] > 0
+    res = run_bench("resnet8", "resnet8", device="cpu", images=128, batch_size=64, workers=1, rounds=1,
+                    log=lambda m: None)  # fmt: skip
+    assert [r["mode"] for r in res["rows"]] == ["reference", "live", "cached", "student", "live-bf16"]
+    assert all(r["images_per_s"] > 0 and 0 < r["peak_fraction"] for r in res["rows"])
+    assert res["peak_flops"]["float32"] > 0 and res["bf16_gain"] > 0
+    assert abs(res["speedup_cached"] - res["rows"][2]["images_per_s"] / res["rows"][0]["images_per_s"]) < 1e-9
     text = format_report(res)
+    assert "(a) reference: mdistiller loop, fp32" in text and "bf16 gain" in text
     assert text.splitlines()[-1].startswith("speedup vs reference: live ") and text.endswith("×")

@@ -14,16 +14,32 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdlab.errors import ConfigError, did_you_mean
+from kdlab.errors import ConfigError, did_you_mean, require_file
 
 
-_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{(\w+)(:-[^}]*)?\}|\$(\w+)")
+
+
+class UnsetVariableError(ConfigError, ValueError):
+    """A path names an environment variable that is not set (a ``ValueError`` too, so pydantic adds the key)."""
 
 
 def expand_path(value: str) -> str:
-    """Expand ``~``, ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` in a path."""
-    value = _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
-    return os.path.expanduser(os.path.expandvars(value))
+    """Expand ``~``, ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` in a path; an unset variable without a default is
+    an error naming it (never silently the empty string)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3)
+        found = os.environ.get(name)
+        if found:
+            return found
+        if m.group(2) is not None:
+            return m.group(2)[2:]
+        if found is None:
+            raise UnsetVariableError(f"environment variable {name} is not set (in the path '{value}')")
+        return found
+
+    return os.path.expanduser(_VAR.sub(sub, value))
 
 
 class _Strict(BaseModel):
@@ -33,29 +49,55 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Which dataset and how to read it."""
 
-    name: str = Field("mnist1d", description="dataset: mnist1d | cifar100 | cifar10 | synthetic")
+    name: str = Field(
+        "mnist1d",
+        description="dataset: mnist1d | cifar100 | cifar10 | synthetic | imagefolder | imagenet, or a user builder "
+        "package.module:function / path/to/file.py:function (needs --trust-code; resolved when the data is built)",
+    )
     root: str | None = Field(
         None,
         description="CIFAR: folder with train.npz/test.npz, an official cifar-*-python folder or its .tar.gz; "
-        "MNIST-1D: cache folder (default: $KDLAB_CACHE or ~/.cache/kdlab)",
+        "MNIST-1D: cache folder (default: $KDLAB_CACHE or ~/.cache/kdlab); imagefolder/imagenet: folder holding "
+        "train/<class>/… and val/<class>/…",
     )
     num_samples: int = Field(5000, gt=0, description="MNIST-1D / synthetic: total samples (train + test)")
     train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D / synthetic: fraction used for training")
     augment: bool = Field(True, description="standard augmentation (CIFAR: random crop 32 pad 4 + flip)")
     shift: int = Field(0, ge=0, description="MNIST-1D: random translation of up to ±shift samples (0 = off)")
+    strong_augment: Literal["randaugment", "jitter_cutout"] = Field(
+        "randaugment", description="images: strong view of two-view methods (MLKD): randaugment = the MLKD release's "
+        "RandAugment(2, 10) + Cutout, jitter_cutout = kdlab's earlier stand-in",
+    )  # fmt: skip
     augment_seed: int | None = Field(
         None, ge=0, description="seed of the augmentation stream (default: the run seed; a teacher cache fixes it)"
     )
     num_classes: int = Field(100, gt=1, description="synthetic: number of classes")
     label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped to another class")
     label_noise_seed: int = Field(0, ge=0, description="seed choosing which labels flip and to what")
+    workers: int = Field(2, ge=0, description="streamed data: DataLoader worker processes decoding images (0 = main)")
+    prefetch: int = Field(2, ge=1, description="streamed data: batches prefetched per worker")
+    image_size: int | None = Field(
+        None, gt=0, description="streamed images: crop size (default: the transform's, imagenet 224, cifar 32)"
+    )
+    transform: str = Field(
+        "imagenet", description="imagefolder: imagenet (RandomResizedCrop + flip; resize + center crop) | cifar "
+        "(pad-4 random crop + flip at image_size)",
+    )  # fmt: skip
+    mean: tuple[float, float, float] | None = Field(None, description="streamed images: channel means")
+    std: tuple[float, float, float] | None = Field(None, description="streamed images: channel stds")
+    skip_bad_images: bool = Field(False, description="imagefolder: skip and count unreadable images, do not stop")
+    max_train_samples: int | None = Field(None, gt=0, description="use only the first N training samples")
+    max_test_samples: int | None = Field(None, gt=0, description="use only the first N test samples")
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from kdlab.data import DATASETS
+    def _trusted(cls, v: str) -> str:
+        """A builder named by import path is checked for trust here; registry names are resolved by kdlab.data when
+        the data is built (config does not import data)."""
+        from kdlab.trust import import_object, is_import_path, require_trusted
 
-        DATASETS.get(v)
+        if is_import_path(v):
+            require_trusted(v, import_object(v, what="data.name"), what="data.name")
         return v
 
     @field_validator("root")
@@ -73,9 +115,9 @@ class ModelConfig(_Strict):
         "package.module:Class / path/to/file.py:Class",
     )
     classifier: str | None = Field(None, description="user model: module path of the final nn.Linear (e.g. fc)")
-    features: str | None = Field(
-        None, description="user model: module whose output is the pre-pool feature map (e.g. layer4); "
-        "default: the classifier's input (vector features)",
+    features: str | list[str] | None = Field(
+        None, description="user model: module whose output is the pre-pool feature map (e.g. layer4), or a list of "
+        "stage modules, last = pre-pool map (e.g. [layer1, layer2, layer3, layer4]); default: the classifier's input",
     )  # fmt: skip
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments of the model")
 
@@ -106,7 +148,8 @@ class ModelConfig(_Strict):
 class TeacherMember(ModelConfig):
     """One extra member of an ensemble teacher."""
 
-    checkpoint: str = Field(..., description="weights: a .safetensors file or a kdlab run directory")
+    checkpoint: str = Field(..., description="weights: a .safetensors file, a kdlab run directory or a PyTorch .pth "
+                            "state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)")
 
     @field_validator("checkpoint")
     @classmethod
@@ -117,7 +160,8 @@ class TeacherMember(ModelConfig):
 class TeacherConfig(ModelConfig):
     """The frozen teacher of a distillation run."""
 
-    checkpoint: str = Field(..., description="teacher weights: a .safetensors file or a kdlab run directory")
+    checkpoint: str = Field(..., description="teacher weights: a .safetensors file, a kdlab run directory or a PyTorch "
+                            ".pth state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)")
     ensemble: list[TeacherMember] = Field(
         default_factory=list, description="more teachers [{name, checkpoint}]: logits averaged with the main one"
     )
@@ -159,13 +203,24 @@ class MethodConfig(BaseModel):
 
 
 class OptimConfig(_Strict):
-    """SGD with momentum."""
+    """The optimizer (kdlab.engine.optim): SGD with momentum, Adam or AdamW, with optional weight-decay exemptions."""
 
-    name: Literal["sgd"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd | adam | adamw")
     lr: float = Field(0.05, gt=0, description="base learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only)")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 penalty (sgd, adam) or decoupled decay (adamw)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw: (β1, β2)")
+    eps: float = Field(1e-8, gt=0, description="adam/adamw: denominator epsilon")
+    no_decay_norm: bool = Field(False, description="no weight decay on normalisation layers (BatchNorm etc.)")
+    no_decay_bias: bool = Field(False, description="no weight decay on biases")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("betas must lie in [0, 1)")
+        return v
 
 
 class ScheduleConfig(_Strict):
@@ -196,9 +251,14 @@ class TrainConfig(_Strict):
     progress: bool = Field(True, description="tqdm progress bars")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on CUDA)")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast precision on CUDA (bf16 recommended)")
-    channels_last: bool | None = Field(None, description="NHWC memory format for image models (default: on CUDA only)")
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision; auto = bf16 on CUDA, none (float32) elsewhere")
+    channels_last: bool | None = Field(None, description="NHWC memory format for image models (default: on CUDA and CPU)")
     compile: bool = Field(False, description="torch.compile the student step and the teacher forward")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "auto", description="torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA, default elsewhere")
+    drop_last: bool = Field(False, description="drop the partial last training batch (static shapes under compile)")
+    sync_bn: bool = Field(False, description="torchrun: BatchNorm statistics over the global batch, not per process")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -211,6 +271,29 @@ class TrainConfig(_Strict):
         if v not in ("auto", "cpu", "mps") and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{v}'")
         return v
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases run mirroring metrics.jsonl (needs ``pip install 'kdlab[trackers]'``)."""
+
+    project: str = Field(..., min_length=1, description="wandb project")
+    mode: Literal["offline", "online"] = Field("offline", description="offline writes to RUN/wandb/; online uploads")
+    entity: str | None = Field(None, description="wandb team or user (default: yours)")
+
+
+class MlflowConfig(_Strict):
+    """MLflow run mirroring metrics.jsonl (needs ``pip install 'kdlab[trackers]'``)."""
+
+    tracking_uri: str = Field(..., min_length=1, description="e.g. file:./mlruns, sqlite:///mlflow.db, http://host:5000")
+    experiment: str = Field("kdlab", min_length=1, description="MLflow experiment name")
+
+
+class LoggingConfig(_Strict):
+    """Experiment trackers: each receives every row of metrics.jsonl (rank 0 only; kdlab.engine.trackers)."""
+
+    tensorboard: bool = Field(False, description="write TensorBoard event files to RUN/tensorboard/")
+    wandb: WandbConfig | None = Field(None, description="{project, mode: offline|online, entity}")
+    mlflow: MlflowConfig | None = Field(None, description="{tracking_uri, experiment}")
 
 
 class RunConfig(_Strict):
@@ -227,6 +310,7 @@ class RunConfig(_Strict):
     instruments: list[str] = Field(
         default_factory=list, description="per-epoch measurements recorded into metrics.jsonl (kdlab.engine.callbacks)"
     )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     meta: dict[str, Any] = Field(default_factory=dict, description="free-form notes (paper numbers, tags)")
 
     @field_validator("instruments")
@@ -265,7 +349,7 @@ def _first_error(err: ValidationError, prefix: str = "", model: type[BaseModel] 
     if msg.startswith(_QUALIFIED):  # nested method-parameter error, already formatted with its full key
         return msg[len(_QUALIFIED) :]
     got = e.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None or f"'{got}'" in msg else f" (got {got!r})"
     return f"{key}: {msg}{shown}" if key else f"{msg}{shown}"
 
 
@@ -282,6 +366,14 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
         if cur is None:
             return []
     return list(getattr(cur, "model_fields", {}))
+
+
+def yacs_hint(tokens: list[str]) -> str:
+    """``; write train.epochs=3`` when ``tokens`` hold a ``key value`` pair (the yacs habit), else ``""``."""
+    for key, value in zip(tokens, tokens[1:]):
+        if "=" not in key and "=" not in value and "." in key and not key.startswith("-") and not value.startswith("-"):
+            return f"; write {key}={value} (key=value, one word)"
+    return ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -317,7 +409,9 @@ def set_dotted(raw: dict[str, Any], parts: list[str] | tuple[str, ...], value: A
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings to a raw mapping (unknown keys are caught later by validation)."""
-    for text in overrides:
+    for i, text in enumerate(overrides):
+        if "=" not in text:
+            raise ConfigError(f"override '{text}' must look like key.sub=value{yacs_hint(overrides[i:])}")
         parts, value = parse_override(text)
         set_dotted(raw, parts, value, f"override '{text}'")
     return raw
@@ -330,28 +424,96 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unset(raw: dict[str, Any], keys: Any, path: Path) -> None:
+    """Remove the dotted ``keys`` (a recipe's ``unset: [a.b, c]``) from the inherited mapping ``raw``."""
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise ConfigError(f"{path}: 'unset' must be a list of dotted keys, e.g. unset: [method.ce_weight]")
+    for key in keys:
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"{path}: unset: '{key}' is not set by its base recipe")
+        del node[parts[-1]]
+
+
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a recipe; a top-level ``base: other.yaml`` (relative to the file) is loaded first and deep-merged."""
+    """Read a recipe; a top-level ``base: other.yaml`` (relative to the file) is loaded first and deep-merged.
+
+    A child removes inherited keys with a top-level ``unset: [dotted.key, ...]``, applied to the base before the
+    child's own keys are merged (``unset: [method]`` + a new ``method:`` section replaces the section whole).
+    """
     path = Path(path)
     raw = read_yaml(path)
     base = raw.pop("base", None)
+    unset = raw.pop("unset", None)
     if base is None:
+        if unset is not None:
+            raise ConfigError(f"{path}: 'unset' removes keys inherited from a 'base' recipe, and this one has none")
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name")
     base_path = (path.parent / base).resolve()
     if base_path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
-    return _deep_merge(read_recipe(base_path, _seen + (path.resolve(),)), raw)
+    inherited = read_recipe(base_path, _seen + (path.resolve(),))
+    if unset is not None:
+        _unset(inherited, unset, path)
+    return _deep_merge(inherited, raw)
+
+
+MAX_YAML_BYTES = 16 * 2**20
+MAX_YAML_NODES = 100_000  # after alias expansion; recipes have a few hundred
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], path: Path) -> int:
+    """Number of nodes ``node`` stands for once every alias is expanded (what validation would walk)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:
+            raise ConfigError(f"{path}: a YAML alias refers to its own anchor (a recursive structure)")
+        return memo[key]
+    memo[key] = -1
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, path)
+        if total > MAX_YAML_NODES:
+            break
+    memo[key] = total
+    return total
+
+
+def _load_yaml_text(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that refuses an alias bomb (a few anchors expanding to gigabytes) before building it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}, path) > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: YAML expands to more than {MAX_YAML_NODES} nodes through aliases (&/*)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with one-line errors for missing files and malformed YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read a YAML mapping with one-line errors for missing files, folders/FIFOs, malformed YAML and alias bombs."""
+    path = require_file(path, "config file", ConfigError)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_YAML_BYTES // 2**20} MiB")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml_text(path.read_bytes().decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -377,8 +539,22 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Load a YAML recipe (or start from ``base``), apply overrides and validate."""
     raw = read_recipe(path) if path is not None else dict(base or {})
-    return validate(apply_overrides(raw, list(overrides or [])))
+    return validate(apply_overrides(raw, list(overrides or []) + smoke_overrides()))
+
+
+#: ``KDLAB_SMOKE=1`` shrinks every run to one epoch on a slice of the data (the README test runs the README this way)
+SMOKE_ENV = "KDLAB_SMOKE"
+
+
+def smoke_overrides() -> list[str]:
+    """The overrides of smoke mode (empty unless ``$KDLAB_SMOKE`` is set to a non-empty value other than 0)."""
+    if os.environ.get(SMOKE_ENV, "") in ("", "0"):
+        return []
+    return ["train.epochs=1", "data.max_train_samples=1000", "data.max_test_samples=500"]
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a crash leaves the old file or the new one, never half)."""
+    from kdlab.engine.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -7,19 +7,24 @@ Runs that already finished in the output folder with the same config are reused;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from kdlab.config import RunConfig, load_config
 from kdlab.data import build_dataset
 from kdlab.engine import Trainer
-from kdlab.engine.rundir import is_run_dir
+from kdlab.engine.atomic import atomic_write_text
+from kdlab.engine.rundir import FolderLock, entries, is_run_dir, remove_run, remove_stale_temps
 from kdlab.errors import KdlabError
 
+#: the files ``kdlab demo`` writes at the top of its folder (besides the run folders teacher/ and students/*)
+DEMO_FILES = ("demo.json", "results.md", "results.png")
 #: the default demo (issue 2): CE only, KD and MSE
 STUDENT_RECIPES = {"CE (no teacher)": "student_ce.yaml", "KD (T=4)": "student_kd.yaml", "MSE (logits)": "student_mse.yaml"}
 #: ``kdlab demo --methods all``: every logit method of the catalog, with and without Z-score standardization
@@ -72,13 +77,15 @@ def bar_chart(rows: dict[str, list[float]], teacher_acc: float, path: Path) -> N
     ax.bar(names, means, yerr=sds, capsize=5, color=(["#8c8c8c"] + ["#4c72b0", "#dd8452"] * len(names))[: len(names)])
     ax.tick_params(axis="x", labelrotation=30 if len(names) > 3 else 0, labelsize=8)
     ax.axhline(teacher_acc, ls="--", color="k", lw=1, label=f"teacher CNN {teacher_acc:.1f}%")
-    lo = min(m - s for m, s in zip(means, sds))
-    ax.set_ylim(max(0.0, lo - 10), 100)
+    ax.set_ylim(0, 114)  # bars start at zero: a truncated axis would exaggerate the gaps between methods
+    ax.set_yticks(range(0, 101, 20))
+    for i, (m, sd) in enumerate(zip(means, sds)):  # the numbers themselves, since the gaps are small at this scale
+        ax.text(i, m + sd + 1.5, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     n = max(len(v) for v in rows.values())
     ax.set_title(f"MNIST-1D: MLP student distilled from a CNN teacher (mean ± std, {n} seeds)")
     ax.title.set_fontsize(9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)  # above the teacher's line, clear of the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -97,17 +104,32 @@ def run_demo(
     if seeds < 1 or teacher_epochs < 1 or student_epochs < 1:
         raise KdlabError("--seeds, --teacher-epochs and --student-epochs must be positive")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KdlabError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").is_file():
-        raise KdlabError(f"{out} is not empty and is not a kdlab demo folder; choose another --out")
-    if overwrite and out.is_dir():
-        import shutil
+    with FolderLock(out):  # one demo writes a folder at a time; a failed start leaves no folder behind
+        if entries(out) and not (out / "demo.json").is_file():
+            raise KdlabError(f"{out} is not empty and is not a kdlab demo folder; choose another --out")
+        if overwrite:
+            clear_demo(out)
+        remove_stale_temps(out, ())
+        atomic_write_text(out / "demo.json", json.dumps({"seeds": seeds, "teacher_epochs": teacher_epochs,
+                                                         "student_epochs": student_epochs}))  # fmt: skip
+        return _demo(out, seeds, teacher_epochs, student_epochs, log, recipes)
 
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps({"seeds": seeds, "teacher_epochs": teacher_epochs,
-                                               "student_epochs": student_epochs}))  # fmt: skip
+
+def clear_demo(out: Path) -> None:
+    """``demo --overwrite``: remove what the demo wrote (its files and run folders), nothing else in ``out``."""
+    for name in DEMO_FILES:
+        (out / name).unlink(missing_ok=True)
+    runs = [out / "teacher"] + (sorted((out / "students").iterdir()) if (out / "students").is_dir() else [])
+    for run_dir in runs:
+        if run_dir.is_dir() and is_run_dir(run_dir):
+            remove_run(run_dir)
+    with contextlib.suppress(OSError):
+        (out / "students").rmdir()
+
+
+def _demo(
+    out: Path, seeds: int, teacher_epochs: int, student_epochs: int, log: Any, recipes: dict[str, str] | None
+) -> str:
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     quiet = ["train.progress=false"]
@@ -116,7 +138,7 @@ def run_demo(
     dataset = build_dataset(teacher_cfg.data)
     log(f"[demo] MNIST-1D: {len(dataset.train)} train / {len(dataset.test)} test samples; training the CNN teacher")
     teacher_dir = out / "teacher"
-    teacher = _run_or_reuse(teacher_cfg, teacher_dir, lambda m: None, dataset=dataset)
+    teacher = _run_or_reuse(teacher_cfg, teacher_dir, lambda m: log(f"[demo] teacher {m}"), dataset=dataset)
     log(f"[demo] teacher test accuracy {teacher['final_test_acc']:.2f}% ({time.perf_counter() - t0:.0f}s)")
 
     rows: dict[str, list[float]] = {}
@@ -132,7 +154,7 @@ def run_demo(
             log(f"[demo] {label:<16} seed {seed}: {s['final_test_acc']:.2f}% ({time.perf_counter() - t0:.0f}s)")
 
     table = results_table(rows, teacher["final_test_acc"])
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     bar_chart(rows, teacher["final_test_acc"], out / "results.png")
     print(table)
     print(f"\nwrote {out / 'results.md'} and {out / 'results.png'} in {time.perf_counter() - t0:.0f}s")

@@ -2,12 +2,18 @@
 
 Anything the user can fix (a config, a path, a checkpoint, a CLI argument) raises :class:`KdlabError`. The CLI prints
 its message as one line and exits with code 2; nothing on disk is touched before the input has been validated.
+An ``OSError`` that escapes a command (read-only file system, disk full, permissions) is also shown as one line with
+exit code 2 (:func:`describe_os_error`); any other exception is an internal error: one line, exit code 1 and a hint
+to rerun with ``--debug`` for the traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class KdlabError(Exception):
@@ -35,6 +41,43 @@ class WriteError(KdlabError):
     """Writing results failed (disk full, permissions); what was there before is left intact."""
 
 
+class UsageError(KdlabError):
+    """A malformed command line (missing or unknown arguments)."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: the reason and the path(s) it concerns."""
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def require_file(path: str | Path, what: str, error: type[KdlabError] = KdlabError) -> Path:
+    """``path`` if it is a regular file; otherwise ``error`` saying whether it is missing, a folder, a FIFO, ...
+
+    Checked before opening, so a FIFO never blocks the command.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    raise error(f"{what} {path} is {_kind(path)}, not a file")
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
@@ -45,3 +88,21 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> KdlabError:
     """A uniform error for an unknown registry name."""
     choices = sorted(choices)
     return ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, choices)}; choose from: {', '.join(choices)}")
+
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Before any work is done: ``path`` can be written as a file (not a folder, not below a file, in a writable
+    folder; an existing file only with ``--overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise KdlabError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise KdlabError(f"{path} exists; pass --overwrite to replace it")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise KdlabError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KdlabError(f"cannot write {path}: {folder} is not writable")
+    return path

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from kdlab.errors import unknown_name
+from kdlab.errors import ConfigError, unknown_name
 
 T = TypeVar("T")
 
@@ -16,6 +17,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._families: list[tuple[re.Pattern[str], Callable[[re.Match[str]], T]]] = []
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -29,14 +31,30 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def add_family(self, pattern: str, make: Callable[[re.Match[str]], T]) -> None:
+        """Names matching the regular expression ``pattern`` (whole name) resolve to ``make(match)``; ``make`` raises
+        ``ValueError`` for a match it cannot build (e.g. ``wrn_{depth}_{width}`` with an invalid depth)."""
+        self._families.append((re.compile(pattern), make))
+
     def get(self, name: str) -> T:
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            raise unknown_name(self.kind, name, self._items) from None
+        for pattern, make in self._families:
+            match = pattern.fullmatch(name)
+            if match is not None:
+                try:
+                    return make(match)
+                except ValueError as err:
+                    raise ConfigError(f"{self.kind} '{name}': {err}") from None
+        raise unknown_name(self.kind, name, self._items) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        if name in self._items:
+            return True
+        try:
+            return isinstance(name, str) and bool(self._families) and self.get(name) is not None
+        except ConfigError:
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

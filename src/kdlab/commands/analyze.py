@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdlab.cli import command
+from kdlab.cli import command, nonnegative_int, positive_int
 from kdlab.errors import KdlabError
 
 
@@ -25,10 +25,10 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-arch", metavar="NAME", help="architecture of a --teacher .safetensors file")
     p.add_argument("--no-teacher", action="store_true", help="student-only measurements")
     p.add_argument("--split", choices=("train", "test"), default="train", help="data split to measure (default: train)")
-    p.add_argument("--max-samples", type=int, metavar="N", help="measure a fixed random subset of N samples")
+    p.add_argument("--max-samples", type=positive_int, metavar="N", help="measure a fixed random subset of N samples")
     p.add_argument("--classes", type=_classes, metavar="A,B,C", help="the 3 classes of the template projection")
-    p.add_argument("--tsne-samples", type=int, default=1000, metavar="N", help="t-SNE sample count (0: skip)")
-    p.add_argument("--init-seeds", type=int, default=10, metavar="N", help="seeds for the init logit mean (0: skip)")
+    p.add_argument("--tsne-samples", type=nonnegative_int, default=1000, metavar="N", help="t-SNE sample count (0: skip)")
+    p.add_argument("--init-seeds", type=nonnegative_int, default=10, metavar="N", help="seeds for the init logit mean (0: skip)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's train.device)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR/analysis/")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -36,14 +36,21 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 
 @command("analyze", "measure a run: logit statistics, distances, geometry, alignment, theory checks", _analyze_args)
 def analyze(args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+
+    from kdlab.engine.rundir import FolderLock
     from kdlab.instruments.analysis import analyze_run
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    summary = analyze_run(
-        args.run_dir, teacher=args.teacher, teacher_arch=args.teacher_arch, no_teacher=args.no_teacher,
-        split=args.split, max_samples=args.max_samples, classes=args.classes, tsne_samples=args.tsne_samples,
-        init_seeds=args.init_seeds, device=args.device, overwrite=args.overwrite, log=log,
-    )  # fmt: skip
+    # it writes RUN_DIR/analysis/: not while another process (a training, another analyze) writes the run folder
+    lock = FolderLock(args.run_dir) if Path(args.run_dir).is_dir() else contextlib.nullcontext()
+    with lock:
+        summary = analyze_run(
+            args.run_dir, teacher=args.teacher, teacher_arch=args.teacher_arch, no_teacher=args.no_teacher,
+            split=args.split, max_samples=args.max_samples, classes=args.classes, tsne_samples=args.tsne_samples,
+            init_seeds=args.init_seeds, device=args.device, overwrite=args.overwrite, log=log,
+        )  # fmt: skip
     st = summary["logit_stats"]["student"]
     lines = [f"{summary['label']}: {summary['num_samples']} {summary['split']} samples"]
     lines.append(f"  student logit sum  mean {st['sum']['mean']:.4g}  std {st['sum']['std']:.4g}")

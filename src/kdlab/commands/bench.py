@@ -6,18 +6,20 @@ import argparse
 import json
 import sys
 
-from kdlab.cli import command
+from kdlab.cli import command, nonnegative_int, positive_int
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--teacher", help="teacher architecture (default: resnet20 on CPU, resnet32x4 on CUDA)")
     p.add_argument("--student", help="student architecture (default: resnet8 on CPU, resnet8x4 on CUDA)")
-    p.add_argument("--images", type=int, help="images per timed epoch (default: 1024 on CPU, 20000 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of every mode (default: 64)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast for kdlab modes (default: bf16 on CUDA)")
+    p.add_argument("--images", type=positive_int, help="images per timed epoch (default: 1024 on CPU, 20000 on CUDA)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size of every mode (default: 64)")
     p.add_argument("--compile", action="store_true", help="torch.compile kdlab's student step and teacher")
-    p.add_argument("--workers", type=int, help="DataLoader workers of the reference loop (default: min(4, cores))")
+    p.add_argument("--workers", type=nonnegative_int, default=2,
+                   help="DataLoader workers of the reference loop (default: 2, mdistiller's)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timed epochs per mode (default: 3)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast row")
     p.add_argument("--json", help="also write the measurements to this JSON file")
 
 
@@ -28,8 +30,8 @@ def bench(args: argparse.Namespace) -> int:
 
     if (args.images is not None and args.images < args.batch_size) or args.batch_size < 1:
         raise KdlabError("--images must be at least --batch-size, and --batch-size positive")
-    res = run_bench(args.teacher, args.student, args.device, args.images, args.batch_size, args.amp, args.compile,
-                    args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    res = run_bench(args.teacher, args.student, args.device, args.images, args.batch_size, args.compile,
+                    args.workers, args.rounds, not args.no_bf16, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     print(format_report(res))
     if args.json:
         with open(args.json, "w") as f:

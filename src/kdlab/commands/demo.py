@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from kdlab.cli import command
+from kdlab.cli import command, positive_int
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per student method (default: 3)")
-    p.add_argument("--teacher-epochs", type=int, default=30, help="teacher epochs (default: 30)")
-    p.add_argument("--student-epochs", type=int, default=40, help="student epochs (default: 40)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per student method (default: 3)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=30, help="teacher epochs (default: 30)")
+    p.add_argument("--student-epochs", type=positive_int, default=40, help="student epochs (default: 40)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of reusing finished runs in --out")
     p.add_argument("--methods", choices=("core", "all"), default="core",
                    help="core: CE / KD / MSE (default, < 1 min); all: every logit method ± Z-score (a few minutes)")

@@ -11,14 +11,15 @@ from kdlab.errors import KdlabError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .safetensors file or a kdlab run directory")
+    p.add_argument("checkpoint", help="a .safetensors file, a kdlab run directory or a PyTorch .pth state dict "
+                   "(read weights-only)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.add_argument("--config", help="recipe describing data and model (default: the run directory's config.yaml)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="which split to evaluate (default: test)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
-@command("eval", "evaluate a weights file (.safetensors or run directory)", _args, config_epilog=True)
+@command("eval", "top-1 / top-5 of a weights file (.safetensors, run directory or .pth)", _args, config_epilog=True)
 def evaluate(args: argparse.Namespace) -> int:
     from kdlab.config import load_config
     from kdlab.data import build_dataset
@@ -26,6 +27,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from kdlab.engine.evaluation import evaluate_split
     from kdlab.engine.trainer import select_device
     from kdlab.models import build
+    from kdlab.models.convert import read_weights
 
     path = ck.resolve_weights_path(args.checkpoint)
     config = args.config
@@ -37,10 +39,13 @@ def evaluate(args: argparse.Namespace) -> int:
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
     model = build(cfg.model, num_classes=data.num_classes)
-    ck.load_into(model, ck.load_weights_file(path), cfg.model.name, f"checkpoint {path}")
+    ck.load_into(model, read_weights(path, list(model.state_dict())), cfg.model.name, f"checkpoint {path}")
     model.to(device).eval()
-    split = getattr(data, args.split)
-    acc = evaluate_split(model, split, data.transform, cfg.train.eval_batch_size)["acc"]
-    result = {"checkpoint": str(path), "model": cfg.model.name, "split": args.split, "n": len(split), "acc": acc}
-    print(json.dumps(result) if args.json else f"{cfg.model.name} {args.split} accuracy: {acc:.2f}% (n={len(split)})")
+    n = data.split_size(args.split)
+    ev = evaluate_split(model, data, args.split, cfg.train.eval_batch_size)
+    acc, top5 = ev["acc"], ev["top5"]
+    result = {"checkpoint": str(path), "model": cfg.model.name, "split": args.split, "n": n, "acc": acc,
+              "top5": top5}  # fmt: skip
+    text = f"{cfg.model.name} {args.split} accuracy: {acc:.2f}% (top-5 {top5:.2f}%, n={n})"
+    print(json.dumps(result) if args.json else text)
     return 0

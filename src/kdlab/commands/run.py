@@ -1,4 +1,4 @@
-"""``kdlab train``, ``kdlab distill`` and ``kdlab keys``."""
+"""``kdlab train`` and ``kdlab distill`` (``kdlab keys`` lists their config keys: commands/keys.py)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,6 @@ from pathlib import Path
 from kdlab.cli import command
 from kdlab.config import RunConfig
 from kdlab.errors import KdlabError
-
-
-def config_keys_help() -> str:
-    """Every config key with its default and description (generated from the schema and the method registry)."""
-    from pydantic import BaseModel
-
-    from kdlab.config import RunConfig
-    from kdlab.methods import METHODS
-
-    lines: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            args = getattr(ann, "__args__", None) or (ann,)
-            sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            key = f"{prefix}{name}"
-            if name == "method":
-                continue
-            if sub is not None:
-                walk(sub, key + ".")
-                continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"  {key:<26} {default:<16} {field.description or ''}".rstrip())
-
-    walk(RunConfig, "")
-    lines.append(f"  {'method.name':<26} {repr('ce'):<16} method; its parameters are method.<param>:")
-    for name in METHODS:
-        for pname, field in METHODS.get(name).Params.model_fields.items():
-            default = repr(field.get_default(call_default_factory=True))
-            lines.append(f"    [{name}] method.{pname:<18} {default:<10} {field.description or ''}".rstrip())
-    return "\n".join(lines)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +34,8 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
         if not args.resume:
             raise KdlabError("a config file is required (only --resume can reuse the run's own config.yaml)")
         config = Path(args.out) / "config.yaml"
+        if not config.exists():
+            raise KdlabError(f"nothing to resume: {args.out} holds no config.yaml (not a kdlab run)")
     return load_config(config, overrides)
 
 
@@ -85,9 +55,12 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
     trainer = Trainer(cfg, args.out, resume=args.resume, overwrite=args.overwrite and not args.dry_run, log=log)
     if args.dry_run:
         what = f"{cfg.model.name} / {cfg.method.name}" + (f" / teacher {cfg.teacher.name}" if trainer.teacher else "")
-        print(f"dry run ok: {what} on {cfg.data.name} ({len(trainer.data.train)} train samples); nothing written")
+        if trainer.dist.is_main:
+            print(f"dry run ok: {what} on {cfg.data.name} ({trainer.data.num_train} train samples); nothing written")
         return 0
-    print(json.dumps(trainer.run().summary, indent=1))
+    summary = trainer.run().summary
+    if trainer.dist.is_main:  # under torchrun: one summary, not one per process
+        print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -99,9 +72,3 @@ def train(args: argparse.Namespace) -> int:
 @command("distill", "distill a student from the teacher checkpoint named in the config", add_run_arguments, True)
 def distill(args: argparse.Namespace) -> int:
     return _run(args, distill=True)
-
-
-@command("keys", "list every config key with its default and meaning", lambda p: None)
-def keys(args: argparse.Namespace) -> int:
-    print(config_keys_help())
-    return 0

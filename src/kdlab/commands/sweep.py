@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdlab.cli import command
+from kdlab.cli import command, positive_int
 from kdlab.errors import KdlabError
 
 
@@ -18,9 +18,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, chain: bool = False) -> None:
                    help="a grid axis (repeatable; axes are crossed). Values are YAML: 0.1,1,[1,2],{name: kd_inf}")
     p.add_argument("--seeds", metavar="N|S1,S2,...", help="N seeds 0..N-1, or a list (default: the spec's, else the recipe's seed)")
     p.add_argument("--out", required=True, help="plan folder: one run folder per cell and seed, plus results.md/.csv")
-    p.add_argument("--jobs", type=int, default=1, metavar="J", help="runs in parallel as worker processes (default 1: in-process)")
-    p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker with --jobs (default: cores // jobs)")
-    p.add_argument("--teacher-cache", type=int, metavar="V",
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="J", help="runs in parallel as worker processes (default 1: in-process)")
+    p.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per worker with --jobs (default: cores // jobs)")
+    p.add_argument("--teacher-cache", type=positive_int, metavar="V",
                    help="replay teacher outputs from a cache of V augmented views per teacher (OUT/.teacher_cache/)")
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and build one run per cell; run nothing")
     p.add_argument("--tables-only", action="store_true", help="only (re)write the tables from the finished runs")

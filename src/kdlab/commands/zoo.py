@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdlab.cli import command
+from kdlab.cli import command, positive_int
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .pth checkpoint of the standard CIFAR zoo (RepDistiller or mdistiller)")
     p.add_argument("--arch", required=True, help="kdlab architecture name (e.g. resnet32x4, wrn_40_2, vgg13, ResNet50)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the classifier weights)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classes (default: read from the classifier weights)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdlab.data.strong import STRONG_VIEWS, StrongPolicy, counter_normal, counter_uniform
 from kdlab.seeding import generator
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -39,6 +40,7 @@ class ImageAugment:
     pad: int = 4
     flip: bool = True
     enabled: bool = True
+    strong: StrongPolicy = "randaugment"
     _cache: dict = field(default_factory=dict, repr=False)
     _consts: dict = field(default_factory=dict, repr=False)
 
@@ -86,35 +88,11 @@ class ImageAugment:
         return self.normalize(x)
 
     def strong_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-        """A second, strong view (for two-view methods such as MLKD): an independent crop + flip, per-sample
-        brightness / contrast / saturation jitter (factors in [0.6, 1.4]) and one 16×16 cutout, then normalisation.
-
-        A batched stand-in for the AutoAugment-style policy of the MLKD release (not the same policy); like the weak
-        view it is a pure function of ``(seed, epoch, sample index)``.
-        """
-        n = self.num_samples
-        g = generator(seed, "strong", epoch)
-        p = AugmentParams(torch.randint(0, 2 * self.pad + 1, (n,), generator=g),
-                          torch.randint(0, 2 * self.pad + 1, (n,), generator=g),
-                          torch.randint(0, 2, (n,), generator=g).bool())  # fmt: skip
-        jitter = torch.empty(n, 3).uniform_(0.6, 1.4, generator=g)
-        cut = torch.randint(0, x.shape[-1], (n, 2), generator=g)
-        dev = x.device
-        idx = index.cpu()
-        x = self.crop_flip(x, AugmentParams(p.dy[idx].to(dev), p.dx[idx].to(dev), p.flip[idx].to(dev))).float() / 255
-        j = jitter[idx].to(dev)
-        x = x * j[:, 0, None, None, None]  # brightness
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * j[:, 1, None, None, None] + mean  # contrast
-        gray = x.mean(dim=1, keepdim=True)
-        x = ((x - gray) * j[:, 2, None, None, None] + gray).clamp_(0, 1)  # saturation
-        h, w = x.shape[-2:]
-        rows = torch.arange(h, device=dev)[None, :, None]
-        cols = torch.arange(w, device=dev)[None, None, :]
-        cy, cx = cut[idx, 0].to(dev)[:, None, None], cut[idx, 1].to(dev)[:, None, None]
-        hole = ((rows - cy).abs() < 8) & ((cols - cx).abs() < 8)
-        x = x.masked_fill(hole[:, None], 0.0)
-        return self.normalize((x * 255).round().to(torch.uint8))
+        """A second, strong view (two-view methods such as MLKD), then normalisation: ``strong`` names the policy
+        (:mod:`kdlab.data.strong`; ``randaugment`` is the MLKD release's). Its randomness is drawn per batch on
+        the batch's device from ``(seed, epoch, sample index)``: O(batch) work and memory."""
+        view = STRONG_VIEWS[self.strong](x, index, seed, epoch, self.pad)
+        return self.normalize(view.to(torch.uint8))
 
 
 @dataclass
@@ -152,9 +130,12 @@ class VectorTransform:
 
     def strong_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         """A strong view for two-view methods: a translation of up to ±max(2·shift, 4) samples plus Gaussian noise
-        (σ = 0.1), a pure function of ``(seed, epoch, sample index)``."""
-        strong = VectorTransform(max(2 * self.shift, 4), self.num_samples)
-        x = strong.train_batch(x, index, seed, -epoch)  # its own stream (negative epoch key)
-        g = generator(seed, "strong-noise", epoch)
-        noise = torch.randn(self.num_samples, x.shape[-1], generator=g)[index.cpu()].to(x.device)
-        return x + 0.1 * noise.reshape(x.shape)
+        (σ = 0.1), drawn per batch on the batch's device from ``(seed, epoch, sample index)`` (O(batch))."""
+        shift = max(2 * self.shift, 4)
+        length = x.shape[-1]
+        s = torch.floor(counter_uniform(seed, epoch, 3, index, 1)[:, 0] * (2 * shift + 1)).long() - shift
+        src = torch.arange(length, device=x.device)[None, :] - s[:, None]  # out[i] = x[i - s]
+        valid = (src >= 0) & (src < length)
+        out = torch.gather(x.reshape(len(x), length), 1, src.clamp(0, length - 1)) * valid
+        noise = counter_normal(seed, epoch, 4, index, length)
+        return (out + 0.1 * noise).reshape(x.shape)

@@ -23,7 +23,7 @@ import torch
 
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, ImageAugment
 from kdlab.data.base import DATASETS, Dataset, Split
-from kdlab.errors import DataError
+from kdlab.errors import DataError, require_file
 from kdlab.safe_pickle import safe_load
 
 if TYPE_CHECKING:
@@ -61,31 +61,85 @@ def _key(d: dict, *names: str) -> Any:
     raise DataError(f"CIFAR file has none of the keys {names}; found {sorted(map(str, d))[:6]}")
 
 
+MAX_MEMBER_BYTES = 1 << 30  # one archive / .npz member; CIFAR's largest (cifar-100 train) is 155 MB
+
+
+def _array(value: Any, what: str, source: str) -> np.ndarray:
+    """``value`` as a numeric array; ragged or non-numeric data is a one-line error naming ``source``."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:  # ragged nested lists
+        raise DataError(f"{source}: '{what}' is not a rectangular array ({err})") from None
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{source}: '{what}' must be numeric, found {arr.dtype} values")
+    return arr
+
+
+def _images(value: Any, source: str, what: str = "images") -> np.ndarray:
+    """Images must be uint8 (0..255): float images would silently turn black when cast."""
+    arr = _array(value, what, source)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() > 255)):
+        hint = " (convert with (x * 255).round().astype(np.uint8))" if arr.dtype.kind == "f" else ""
+        raise DataError(f"{source}: '{what}' must be uint8 values 0..255, found {arr.dtype}{hint}")
+    return arr.astype(np.uint8)
+
+
+def _labels(value: Any, n: int, source: str) -> np.ndarray:
+    """Whole-number labels, one per image (NaN, fractions and a count mismatch are errors naming ``source``)."""
+    arr = _array(value, "labels", source)
+    if arr.ndim != 1:
+        raise DataError(f"{source}: labels must be a 1-D array, found shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise DataError(f"{source}: labels contain NaN or infinite values")
+        if (arr != np.round(arr)).any():
+            raise DataError(f"{source}: labels must be whole numbers, found {arr[arr != np.round(arr)][0]}")
+    if len(arr) != n:
+        raise DataError(f"{source}: {n} images but {len(arr)} labels")
+    return arr.astype(np.int64)
+
+
 def _from_pickled_batch(d: Any, spec: CifarSpec, source: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(d, dict):
         raise DataError(f"{source}: expected a dict, found {type(d).__name__}")
-    data = np.asarray(_key(d, "data"), dtype=np.uint8)
-    labels = np.asarray(_key(d, *spec.label_keys), dtype=np.int64)
+    data = _images(_key(d, "data"), source, "data")
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{source}: 'data' must be N×3072, found {data.shape}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), _labels(_key(d, *spec.label_keys), len(data), source)
+
+
+def _check_npz_sizes(z: Any, path: Path) -> None:
+    """Refuse an oversized (or zip-bomb) member from its header, before reading it."""
+    for info in z.zip.infolist():
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise DataError(f"{path}: member '{info.filename}' is {info.file_size} bytes, over the "
+                            f"{MAX_MEMBER_BYTES} byte limit")  # fmt: skip
 
 
 def _from_npz(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "zip"):
+                raise DataError(f"{path}: not an .npz archive of arrays")
+            _check_npz_sizes(z, path)
+            if "images" not in z.files:
+                raise DataError(f"{path}: no 'images' array; found {sorted(z.files)[:6]}")
             images = z["images"]
             label_key = next((k for k in spec.label_keys if k in z.files), None)
             if label_key is None:
                 raise DataError(f"{path}: no label array ({' or '.join(spec.label_keys)})")
-            labels = z[label_key].astype(np.int64)
+            raw_labels = z[label_key]
     except DataError:
         raise
     except Exception as err:
         raise DataError(f"{path}: unreadable .npz ({type(err).__name__}: {err})") from None
+    if images.dtype.kind == "f":
+        images = _images(images, str(path))  # the uint8 error with its conversion hint
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise DataError(f"{path}: 'images' must be uint8 N×32×32×3, found {images.dtype} {images.shape}")
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), _labels(raw_labels, len(images), str(path))
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +152,14 @@ def _read_folder(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> tuple
         path = folder / name
         if not path.is_file():
             raise DataError(f"{spec.name}: missing file {path}")
+        if path.stat().st_size > MAX_MEMBER_BYTES:
+            raise DataError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MEMBER_BYTES} byte limit")
         with open(path, "rb") as f:
-            parts.append(_from_pickled_batch(safe_load(f), spec, str(path)))
+            try:
+                d = safe_load(f)
+            except DataError as err:
+                raise type(err)(f"{path}: {err}") from None
+            parts.append(_from_pickled_batch(d, spec, str(path)))
     return _concat(parts)
 
 
@@ -117,9 +177,15 @@ def _read_archive(path: Path, spec: CifarSpec) -> tuple[tuple[np.ndarray, np.nda
                 m = members.get(name)
                 if m is None:
                     raise DataError(f"{path}: archive has no member '{spec.folder}/{name}'")
+                if m.size > MAX_MEMBER_BYTES:
+                    raise DataError(f"{path}: member '{m.name}' is {m.size} bytes, over the {MAX_MEMBER_BYTES} byte limit")
                 f = tar.extractfile(m)
                 assert f is not None
-                parts.append(_from_pickled_batch(safe_load(f.read()), spec, f"{path}:{m.name}"))
+                try:
+                    d = safe_load(f.read())
+                except DataError as err:
+                    raise type(err)(f"{path}:{m.name}: {err}") from None
+                parts.append(_from_pickled_batch(d, spec, f"{path}:{m.name}"))
             return _concat(parts)
 
         return read(spec.train_files), read(spec.test_files)
@@ -130,8 +196,8 @@ def read_cifar(root: str | Path, spec: CifarSpec) -> tuple[tuple[np.ndarray, np.
     root = Path(root)
     if not root.exists():
         raise DataError(f"{spec.name}: data root not found: {root}")
-    if root.is_file():
-        return _read_archive(root, spec)
+    if not root.is_dir():
+        return _read_archive(require_file(root, f"{spec.name}: data root", DataError), spec)  # a FIFO is named
     if (root / "train.npz").is_file() and (root / "test.npz").is_file():
         return _from_npz(root / "train.npz", spec), _from_npz(root / "test.npz", spec)
     for folder in (root, root / spec.folder):

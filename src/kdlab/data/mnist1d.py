@@ -63,19 +63,25 @@ def load_mnist1d(
         except Exception:  # a damaged cache is regenerated, never trusted
             arrays = None
     if arrays is None:
+        if num_samples < 20:  # the generator makes num_samples // 10 samples per class
+            raise DataError(f"MNIST-1D needs data.num_samples >= 20 (two per class), got {num_samples}")
         arrays = generate_mnist1d(num_samples, train_split)
         try:
             root.mkdir(parents=True, exist_ok=True)
+            from kdlab.engine.atomic import chmod_like_open  # lazily: kdlab.engine imports kdlab.data
+
             fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
             with os.fdopen(fd, "wb") as f:
+                chmod_like_open(fd)  # a shared cache folder: readable as the umask allows, not 0600
                 np.savez(f, **arrays)
             os.replace(tmp, path)
         except OSError:
             pass  # caching is an optimisation; an unwritable cache folder is not an error
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     x_test = torch.from_numpy(arrays["x_test"].astype(np.float32))
-    if len(x) == 0 or len(x_test) == 0:
-        raise DataError(f"MNIST-1D with num_samples={num_samples}, train_split={train_split} has an empty split")
+    if len(x) < 2 or len(x_test) == 0:  # one training sample has no standard deviation
+        raise DataError(f"MNIST-1D with num_samples={num_samples}, train_split={train_split} has too few samples "
+                        f"({len(x)} train, {len(x_test)} test; need at least 2 and 1)")  # fmt: skip
     mean, std = x.mean(), x.std()
     x, x_test = (x - mean) / std, (x_test - mean) / std
     y = torch.from_numpy(arrays["y"].astype(np.int64))

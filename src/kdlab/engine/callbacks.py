@@ -29,6 +29,12 @@ class Callback:
         """Called after each epoch's evaluation; returns extra metrics for the epoch's row."""
         return {}
 
+    def on_epoch_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """Called on rank 0 with the epoch's complete row, just after it is appended to ``metrics.jsonl``."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Called once after the last epoch of this process."""
+
 
 class _LazyRegistry(Registry[type[Callback]]):
     """Imports the optional instrument modules on first lookup so that they can register themselves."""

@@ -5,10 +5,14 @@ optimizer buffers, RNG state) and ``state.json`` (epoch, counters, optimizer hyp
 tensor file). The folder is assembled under a temporary name and renamed into place, so a crash leaves either the
 complete checkpoint or none. On load, checkpoints are tried newest first; one that is truncated or corrupted is
 reported and skipped in favour of the previous good one.
+
+``state.json`` is itself covered: a copy of it (less the checksum) is stored in the safetensors header, which the
+checksum covers, so a hand-edited ``state.json`` is refused naming the edited key (:class:`EditedCheckpointError`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,10 +26,16 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from kdlab.engine.atomic import atomic_write_bytes, atomic_write_text, fsync_dir, sha256_file
-from kdlab.errors import CheckpointError, WriteError
+from kdlab.engine.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from kdlab.errors import CheckpointError, WriteError, require_file
 
 FORMAT = "kdlab-checkpoint-v1"
+#: safetensors header entry holding the copy of ``state.json`` (without ``tensors_sha256``)
+META_KEY = "kdlab.state"
+
+
+class EditedCheckpointError(CheckpointError):
+    """A checkpoint's ``state.json`` differs from the record its checksummed tensor file holds: edited by hand."""
 
 
 def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,9 +50,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file (never a pickle) with a one-line error when it is missing or damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = require_file(path, "checkpoint", CheckpointError)  # a folder or FIFO is named as such
     try:
         return st_load(path.read_bytes())
     except Exception as err:  # safetensors raises several types for damaged files
@@ -57,9 +65,7 @@ def resolve_weights_path(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} is a folder without model.safetensors (is it a finished kdlab run?)")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    return require_file(path, "checkpoint", CheckpointError)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
@@ -130,8 +136,10 @@ def save_train_state(ckpt_dir: Path, epoch: int, state: TrainState, keep: int = 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        digest = save_weights(tmp / "state.safetensors", state.tensors)
-        meta = dict(state.meta, format=FORMAT, epoch=epoch, tensors_sha256=digest)
+        meta = dict(state.meta, format=FORMAT, epoch=epoch)
+        record = json.dumps(meta, sort_keys=True)  # fails here, before writing, on a value JSON cannot hold
+        digest = save_weights(tmp / "state.safetensors", state.tensors, metadata={META_KEY: record})
+        meta["tensors_sha256"] = digest
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
         fsync_dir(tmp)
         if final.exists():
@@ -155,25 +163,64 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.glob("epoch_*") if p.is_dir()), reverse=True)
 
 
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (read without loading any tensor)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        return dict(header.get("__metadata__") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def verify_checkpoint(path: Path) -> TrainState:
-    """Load one checkpoint folder, checking its format and checksum."""
+    """Load one checkpoint folder, checking its format, its checksum and that ``state.json`` was not edited."""
+    from kdlab.engine.resume import first_difference
+
     meta_path, tensor_path = path / "state.json", path / "state.safetensors"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{meta_path}: unreadable ({type(err).__name__})") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a kdlab checkpoint")
-    if not tensor_path.is_file() or sha256_file(tensor_path) != meta.get("tensors_sha256"):
+    try:
+        data = tensor_path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{tensor_path}: unreadable ({err.strerror or type(err).__name__})") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensor_path}: checksum mismatch (truncated or corrupted)")
+    record = _header_metadata(data).get(META_KEY)
+    if record is not None:  # checkpoints written before kdlab kept the copy have none
+        ours = {k: v for k, v in meta.items() if k != "tensors_sha256"}
+        diff = first_difference(json.loads(record), ours, frozenset())
+        if diff is not None:
+            raise EditedCheckpointError(
+                f"{meta_path} was edited by hand: '{diff}' differs from the record in its checksummed "
+                f"{tensor_path.name}; restore it (or delete this checkpoint folder to resume from an earlier one)"
+            )
     return TrainState(load_weights_file(tensor_path), meta)
+
+
+def find_latest(ckpt_dir: Path) -> tuple[TrainState | None, list[str]]:
+    """The newest checkpoint that verifies, and a note on each damaged one skipped on the way (newest first).
+
+    A hand-edited ``state.json`` is not skipped: :class:`EditedCheckpointError` is raised.
+    """
+    problems: list[str] = []
+    for path in list_checkpoints(ckpt_dir):
+        try:
+            return verify_checkpoint(path), problems
+        except EditedCheckpointError:
+            raise
+        except CheckpointError as err:
+            problems.append(f"{path.name}: {err}")
+    return None, problems
 
 
 def load_latest(ckpt_dir: Path) -> TrainState | None:
     """The newest checkpoint that verifies; damaged ones are reported with a warning and skipped."""
-    for path in list_checkpoints(ckpt_dir):
-        try:
-            return verify_checkpoint(path)
-        except CheckpointError as err:
-            warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
-    return None
+    state, problems = find_latest(ckpt_dir)
+    for note in problems:
+        warnings.warn(f"skipping damaged checkpoint: {note}", stacklevel=2)
+    return state

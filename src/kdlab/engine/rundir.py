@@ -2,24 +2,128 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per
 epoch), ``checkpoints/`` (resumable state), ``best.safetensors`` / ``model.safetensors`` (best and final weights) and
-``summary.json``. An existing run is never overwritten unless ``--overwrite`` is given, and a non-empty folder that
-is not a kdlab run is never touched.
+``summary.json``. An existing run is never overwritten unless ``--overwrite`` is given, ``--overwrite`` removes only
+these files, and a non-empty folder that is not a kdlab run is never touched.
+
+One process writes a folder at a time: every command that writes one holds :class:`FolderLock` (``flock`` on
+``FOLDER/.kdlab.lock``) from before its checks until it ends; a second one gets a one-line error. Holding the lock,
+a writer first removes the temporary files and folders that killed writers left behind (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WriteError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "best.safetensors")
-RUN_DIRS = ("checkpoints", "analysis")
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "best.safetensors",
+    "train_eval.json",
+)  # fmt: skip
+RUN_DIRS = ("checkpoints", "analysis", "tensorboard", "wandb")  # the last two: kdlab.engine.trackers.TRACKER_DIRS
+LOCK_NAME = ".kdlab.lock"
+#: files that hold a folder's lock, not results (an otherwise empty folder holding one counts as empty)
+LOCK_FILES = (LOCK_NAME, ".kdlab-pipeline.lock")
+
+
+class FolderBusyError(KdlabError):
+    """Another process is writing to the folder."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder: one writer per run folder (also a context manager).
+
+    The folder is created when missing; if the holder fails before writing anything else into a folder it created,
+    :meth:`release` removes the folder again, so a failed start leaves nothing behind. The lock file stays (removing
+    it would let two processes hold locks on different files of the same name).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._file: Any = None
+        self._created: Path | None = None
+
+    def acquire(self) -> FolderLock:
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise KdlabError(f"output path {folder} exists and is not a folder")
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = open(folder / LOCK_NAME, "a+")
+        except OSError as err:
+            self._remove_created(missing[-1] if missing else None)
+            raise WriteError(f"cannot write in {folder}: {err.strerror or err}") from None
+        self._created = missing[-1] if missing else None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no lock
+            self._file = f
+            return self
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip()
+            f.close()
+            who = f"another kdlab process (pid {pid})" if pid.isdigit() else "another kdlab process"
+            raise FolderBusyError(f"{who} is writing to {folder}; wait for it to finish or stop it") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as err:  # disk full at the very first write: one line, and no half folder left behind
+            with contextlib.suppress(OSError):
+                f.close()
+            self._remove_created(self._created)
+            raise WriteError(f"cannot write in {folder}: {err.strerror or err}") from None
+        self._file = f
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a failed start, remove the folder if this lock created it and nothing else was written."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if failed:
+            self._remove_created(self._created)
+
+    def _remove_created(self, top: Path | None) -> None:
+        if top is None:
+            return
+        folder = self.folder
+        if folder.is_dir() and all(p.name in LOCK_FILES for p in folder.iterdir()):
+            for p in folder.iterdir():
+                p.unlink(missing_ok=True)
+            for p in [folder, *folder.parents]:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+                if p == top:
+                    break
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.release(failed=kind is not None)
+
+
+def entries(path: Path) -> list[Path]:
+    """What a folder holds, not counting lock files."""
+    return [p for p in path.iterdir() if p.name not in LOCK_FILES]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -36,7 +140,7 @@ def check_out_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
         if not is_run_dir(path):
             raise KdlabError(f"nothing to resume: {path} is not a kdlab run directory")
         return
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not entries(path):
         return
     if not is_run_dir(path):
         raise KdlabError(f"output folder {path} is not empty and is not a kdlab run; choose another --out")
@@ -50,6 +154,56 @@ def clear_run(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
     for name in RUN_DIRS:
         shutil.rmtree(path / name, ignore_errors=True)
+
+
+def remove_run(path: Path) -> None:
+    """Remove a whole run folder's kdlab files; the folder itself only if nothing else (a user's file) is left."""
+    clear_run(path)
+    remove_stale_temps(path)
+    for name in LOCK_FILES:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: what is left is not kdlab's
+
+
+def is_stale_temp(path: Path) -> bool:
+    """A temporary name kdlab writes under: ``.NAME.XXXX.tmp`` (atomic writes), ``.tmp-*`` (checkpoint folders),
+    ``.analysis.tmp-PID`` (analysis folders)."""
+    name = path.name
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
+
+
+def remove_stale_temps(folder: Path, subdirs: tuple[str, ...] = RUN_DIRS) -> list[Path]:
+    """Remove temporaries left by killed writers in ``folder`` and its kdlab sub-folders (hold its lock first)."""
+    removed = []
+    for d in [folder, *(folder / s for s in subdirs)]:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if is_stale_temp(p):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def open_run_folder(path: Path, *, resume: bool, overwrite: bool) -> FolderLock:
+    """Lock a run folder for writing, re-check it under the lock, clear it for ``--overwrite`` (kdlab's own files
+    only) and remove temporaries left by killed writers. The caller releases the returned lock."""
+    lock = FolderLock(path).acquire()
+    try:
+        check_out_dir(path, resume=resume, overwrite=overwrite)  # again: another process may have written meanwhile
+        if overwrite:
+            clear_run(path)
+        remove_stale_temps(path)
+    except BaseException:
+        lock.release(failed=True)
+        raise
+    return lock
 
 
 class MetricsLog:

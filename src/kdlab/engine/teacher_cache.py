@@ -1,37 +1,65 @@
 """Teacher-output cache: compute the frozen teacher's outputs once per augmented view and replay them.
 
-Augmentation parameters are a pure function of ``(augment seed, epoch, sample index)``. View ``v`` (0-based) of
-the cache holds the teacher's outputs for every training sample under the augmentation of epoch ``v + 1``; a run
-with ``teacher.cache=FILE`` replays view ``(epoch − 1) mod V`` and augments the student's input with exactly that
-view's parameters. With ``V`` = number of epochs, this is the live run (bit-identical with a float32 cache); with
-fewer views it is the FKD-style approximation. The shuffle order, initialisation and everything else still follow
-the run's own seed, so one cache serves every student, method and seed of a sweep.
+Augmentation parameters are a pure function of ``(augment seed, epoch, sample index)`` (random-resized crops of
+streamed images included). View ``v`` (0-based) of the cache holds the teacher's outputs for every training sample
+under the augmentation of epoch ``v + 1``; a run with ``teacher.cache=FILE`` replays view ``(epoch − 1) mod V`` and
+augments the student's input with exactly that view's parameters. With ``V`` = number of epochs, this is the live run
+(bit-identical with a float32 full cache); with fewer views it is the FKD-style approximation. The shuffle order,
+initialisation and everything else still follow the run's own seed, so one cache serves every student, method and
+seed of a sweep.
 
-File format: one safetensors file (memory-mapped on load) with tensors ``logits.{v}`` (N×K) and, optionally,
-``pooled.{v}`` / ``prepool.{v}``; its metadata records what the cache was made from and is checked before use.
+Two stores for the logits (``store``):
+
+* ``full``: every logit in ``dtype`` (float32: exact replay). Default up to :data:`FULL_MAX_CLASSES` classes.
+* ``topk``: for many classes (ImageNet): the ``k`` largest logits in fp16 with their int16 (int32 beyond 32,767
+  classes) class indices, and *all* logits quantised to ``tail_bits`` (8 or 4) bits with a per-sample affine map over
+  the range of the non-top-k ones (the top-k are then overwritten exactly); ``tail_bits=0`` keeps only a per-sample
+  constant for the rest (logsumexp-matched at temperature 1, the FKD/ReLabel idea — measured far worse, see
+  ``docs/imagenet.md``). At 1000 classes, k = 10 and 8 bits: 1,048 bytes per sample and view instead of 2,000
+  (fp16) / 4,000 (fp32); 4 bits: 548 bytes.
+
+File format: one safetensors file (memory-mapped on load), written view by view (a view's outputs are copied
+asynchronously into pinned host buffers and written once per view, never synchronised per batch). Tensors
+``logits.{v}`` (full) or ``logits.topv.{v}``, ``logits.topi.{v}``, ``logits.affine.{v}`` [, ``logits.q.{v}``]
+(topk), and optionally ``pooled.{v}`` / ``prepool.{v}`` in ``dtype``; the metadata records what the cache was made
+from and is checked before use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import struct
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 from torch import nn
 
-from kdlab.data import Dataset, batches
-from kdlab.engine.atomic import atomic_write_bytes
-from kdlab.errors import CheckpointError, ConfigError
+from kdlab.data.base import DataSource
+from kdlab.engine.atomic import chmod_like_open, fsync_dir
+from kdlab.errors import CheckpointError, ConfigError, DataError, WriteError, require_file
 from kdlab.models import ModelOutput
+
+if TYPE_CHECKING:
+    from kdlab.engine.fastpath import FastPath
 
 FORMAT = "kdlab-teacher-cache-v1"
 FIELDS = ("logits", "pooled", "prepool")
+STORES = ("auto", "full", "topk")
+FULL_MAX_CLASSES = 200
+"""``store=auto`` keeps every logit up to this many classes and switches to ``topk`` above."""
+DEFAULT_TOPK = 10
+DEFAULT_TAIL_BITS = 8
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16",
+              torch.int32: "I32", torch.uint8: "U8"}  # fmt: skip
 
 
 @dataclass
@@ -44,10 +72,117 @@ class CacheInfo:
     meta: dict[str, Any]
 
 
-@torch.inference_mode()
+# ---------------------------------------------------------------------------------------------------------------------
+# top-k + quantised-tail compression of logits (pure functions of tensors)
+
+
+def compress_logits(logits: torch.Tensor, k: int, tail_bits: int) -> dict[str, torch.Tensor]:
+    """Compress N×K logits: ``topv`` (fp16 N×k), ``topi`` (int16/int32 N×k), ``affine`` (fp32 N×2: offset, step)
+    and, for ``tail_bits`` 8 or 4, ``q`` (uint8 N×⌈K·bits/8⌉, all logits quantised over the non-top-k range)."""
+    z = logits.float()
+    n, classes = z.shape
+    k = min(k, classes - 1)
+    topv, topi = z.topk(k, dim=1)
+    out = {"topv": topv.half(), "topi": topi.to(torch.int16 if classes <= 32767 else torch.int32)}
+    if tail_bits == 0:  # one constant: the tail's softmax mass at temperature 1 is kept
+        rest = z.scatter(1, topi, float("-inf"))
+        fill = torch.logsumexp(rest, dim=1) - float(np.log(classes - k))
+        out["affine"] = torch.stack([fill, torch.zeros_like(fill)], dim=1)
+        return out
+    levels = (1 << tail_bits) - 1
+    lo = z.scatter(1, topi, float("inf")).amin(dim=1)
+    hi = z.scatter(1, topi, float("-inf")).amax(dim=1)
+    step = ((hi - lo) / levels).clamp_min(1e-12)
+    q = ((z - lo[:, None]) / step[:, None]).round_().clamp_(0, levels).to(torch.uint8)
+    if tail_bits == 4:
+        q = torch.nn.functional.pad(q, (0, classes % 2))
+        q = q[:, 0::2] | (q[:, 1::2] << 4)
+    out["affine"] = torch.stack([lo, step], dim=1)
+    out["q"] = q
+    return out
+
+
+def decompress_logits(parts: dict[str, torch.Tensor], num_classes: int, tail_bits: int) -> torch.Tensor:
+    """Float32 N×K logits from :func:`compress_logits` parts (top-k exact to fp16, the rest dequantised)."""
+    affine = parts["affine"].float()
+    if tail_bits == 0:
+        z = affine[:, :1].expand(-1, num_classes).clone()
+    else:
+        q = parts["q"]
+        if tail_bits == 4:
+            q = torch.stack([q & 15, q >> 4], dim=2).flatten(1)[:, :num_classes]
+        z = q.float() * affine[:, 1:2] + affine[:, :1]
+    return z.scatter_(1, parts["topi"].long(), parts["topv"].float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+class _ViewWriter:
+    """A safetensors file written view by view: the header (all shapes are known after view 0) then raw bytes."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = path, meta
+        self.tmp: str | None = None
+        self.f: BinaryIO | None = None
+
+    def start(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        header: dict[str, Any] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"kdlab": json.dumps(self.meta)}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.f = os.fdopen(fd, "wb")
+        chmod_like_open(fd)  # a shared cache is readable like any file the user writes (not mkstemp's 0600)
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        assert self.f is not None
+        self.f.write(memoryview(t.contiguous().view(torch.uint8).numpy().reshape(-1)))
+
+    def finish(self) -> None:
+        assert self.f is not None and self.tmp is not None
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def check_store(store: str, topk: int = DEFAULT_TOPK, tail_bits: int = DEFAULT_TAIL_BITS) -> None:
+    """One-line errors for a bad store name, ``topk`` or ``tail_bits``."""
+    if store not in STORES:
+        raise ConfigError(f"unknown cache store '{store}'; choose from {', '.join(STORES)}")
+    if topk < 1 or tail_bits not in (0, 4, 8):
+        raise ConfigError(f"--topk must be at least 1 and --tail-bits 0, 4 or 8 (got {topk} and {tail_bits})")
+
+
+def resolve_store(store: str, num_classes: int) -> str:
+    """``full`` or ``topk`` (``auto``: topk above :data:`FULL_MAX_CLASSES` classes)."""
+    if store == "auto":
+        return "full" if num_classes <= FULL_MAX_CLASSES else "topk"
+    return store
+
+
 def build_cache(
     teacher: nn.Module,
-    data: Dataset,
+    data: DataSource,
     views: int,
     out: str | Path,
     *,
@@ -57,48 +192,102 @@ def build_cache(
     batch_size: int = 512,
     meta: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    store: str = "auto",
+    topk: int = DEFAULT_TOPK,
+    tail_bits: int = DEFAULT_TAIL_BITS,
+    fast: FastPath | None = None,
 ) -> Path:
-    """Run ``teacher`` over ``views`` augmented passes of ``data.train`` and write the cache atomically."""
+    """Run ``teacher`` over ``views`` augmented passes of the training split and write the cache atomically.
+
+    ``fast`` (a :class:`kdlab.engine.fastpath.FastPath`) runs the teacher with the training run's autocast and
+    memory format, so the cached outputs are those the live run would compute.
+    """
     if views < 1:
         raise ConfigError("--views must be at least 1")
     bad = [f for f in fields if f not in FIELDS]
     if bad:
         raise ConfigError(f"unknown cache field '{bad[0]}'; choose from {', '.join(FIELDS)}")
+    check_store(store, topk, tail_bits)
+    store = resolve_store(store, data.num_classes)
     teacher.eval()
-    n = len(data.train)
-    tensors: dict[str, torch.Tensor] = {}
-    order = torch.arange(n, device=data.train.x.device)
-    for v in range(views):
-        store: dict[str, torch.Tensor] = {}
-        for x, _y, idx in batches(data.train, data.transform, batch_size, train=True, seed=augment_seed,
-                                  epoch=v + 1, indices=order):  # fmt: skip
-            out_v = teacher.forward_features(x)  # type: ignore[operator]
-            for f in fields:
-                t = getattr(out_v, f)
-                if f not in store:
-                    store[f] = torch.empty((n, *t.shape[1:]), dtype=dtype)
-                store[f][idx.cpu()] = t.to("cpu", dtype)
-        for f, t in store.items():
-            tensors[f"{f}.{v}"] = t
-        if progress:
-            progress(v + 1, views)
+    forward: Callable[[torch.Tensor], ModelOutput] = teacher.forward_features  # type: ignore[assignment]
+    if fast is not None:
+        fast.prepare(teacher)  # outside inference mode: the teacher's parameters stay ordinary tensors
+        forward = fast.maybe_compile(forward)
+    autocast = fast.autocast if fast is not None else contextlib.nullcontext
+    n = data.num_train
+    order = torch.arange(n)
     info = {
         "format": FORMAT, "views": views, "num_samples": n, "num_classes": data.num_classes,
         "augment_seed": augment_seed, "fields": list(fields), "dtype": str(dtype).replace("torch.", ""),
-        "dataset": data.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
+        "store": store, "dataset": data.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
     }  # fmt: skip
+    if store == "topk":
+        info.update(topk=min(topk, data.num_classes - 1), tail_bits=tail_bits)
     out = Path(out)
-    atomic_write_bytes(out, st_save(tensors, metadata={"kdlab": json.dumps(info)}))
+    writer = _ViewWriter(out, info)
+    buffers: dict[str, torch.Tensor] = {}
+    pin = False
+    try:
+        for v in range(views):
+            start = 0
+            batches = data.train_batches(batch_size, seed=augment_seed, epoch=v + 1, indices=order,
+                                         augment_seed=augment_seed, augment_epoch=v + 1)  # fmt: skip
+            with torch.inference_mode():
+                for x, _y, _idx in batches:
+                    with autocast():
+                        out_v = forward(x)
+                    parts = _parts(out_v, fields, store, dtype, topk, tail_bits)
+                    if not buffers:
+                        pin = x.device.type == "cuda"
+                        buffers = {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+                                   for name, t in parts.items()}  # fmt: skip
+                        writer.start([(f"{name}.{w}", t.dtype, tuple(t.shape)) for w in range(views)
+                                      for name, t in buffers.items()])  # fmt: skip
+                    end = start + len(x)
+                    if end != min(start + batch_size, n):  # rows are written in order: nothing may be skipped
+                        raise DataError(f"teacher cache: {data.name} skipped unreadable training samples; remove "
+                                        "them (or fix them) before caching the teacher")  # fmt: skip
+                    for name, t in parts.items():  # asynchronous device → pinned host copies, no sync per batch
+                        buffers[name][start:end].copy_(t, non_blocking=True)
+                    start = end
+            if pin:
+                torch.cuda.synchronize()  # once per view, before its buffers are written
+            for t in buffers.values():
+                writer.write(t)
+            if progress:
+                progress(v + 1, views)
+        writer.finish()
+    except OSError as err:
+        writer.abort()
+        raise WriteError(f"could not write {out}: {err.strerror or err}; nothing was replaced") from None
+    except BaseException:
+        writer.abort()
+        raise
     return out
+
+
+def _parts(out: ModelOutput, fields: tuple[str, ...], store: str, dtype: torch.dtype, topk: int,
+           tail_bits: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    parts: dict[str, torch.Tensor] = {}
+    for f in fields:
+        t = getattr(out, f)
+        if f == "logits" and store == "topk":
+            parts.update({f"logits.{k}": v for k, v in compress_logits(t, topk, tail_bits).items()})
+        else:
+            parts[f] = t.to(dtype)
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# replay
 
 
 class TeacherCache:
     """A cache opened for replay: ``outputs(epoch, index)`` gives the teacher's outputs for a batch."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"teacher cache not found: {self.path}")
+        self.path = require_file(path, "teacher cache", CheckpointError)  # missing, a folder or a FIFO: named
         try:
             self._file = safe_open(str(self.path), framework="pt", device="cpu")
             meta = json.loads((self._file.metadata() or {})["kdlab"])
@@ -106,19 +295,25 @@ class TeacherCache:
             raise CheckpointError(f"{self.path} is not a kdlab teacher cache ({type(err).__name__})") from None
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{self.path} is not a kdlab teacher cache (format {meta.get('format')!r})")
+        counts = {k: meta.get(k) for k in ("views", "num_samples", "num_classes")}
+        bad = next((k for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1), None)
+        if bad is not None or not isinstance(meta.get("augment_seed"), int) or not isinstance(meta.get("fields"), list):
+            what = f"{bad}={counts[bad]!r}" if bad else "augment_seed / fields missing"
+            raise CheckpointError(f"{self.path}: damaged teacher cache metadata ({what})")
         self.info = CacheInfo(meta["views"], meta["num_samples"], meta["num_classes"], meta["augment_seed"],
                               tuple(meta["fields"]), meta)  # fmt: skip
+        self.store = meta.get("store", "full")
         self.device = torch.device(device)
         self._view = -1
         self._tensors: dict[str, torch.Tensor] = {}
 
-    def check(self, data: Dataset, teacher_fingerprint: str | None, needs: tuple[str, ...]) -> None:
+    def check(self, data: DataSource, teacher_fingerprint: str | None, needs: tuple[str, ...]) -> None:
         """Refuse a cache made for other data, another teacher, or lacking outputs the method needs."""
         i = self.info
-        if i.num_samples != len(data.train) or i.num_classes != data.num_classes or i.meta.get("dataset") != data.name:
+        if i.num_samples != data.num_train or i.num_classes != data.num_classes or i.meta.get("dataset") != data.name:
             raise ConfigError(
                 f"teacher cache {self.path} was made for {i.meta.get('dataset')} with {i.num_samples} samples and "
-                f"{i.num_classes} classes; this run has {data.name} with {len(data.train)} and {data.num_classes}"
+                f"{i.num_classes} classes; this run has {data.name} with {data.num_train} and {data.num_classes}"
             )
         want = i.meta.get("teacher_sha256")
         if teacher_fingerprint and want and teacher_fingerprint != want:
@@ -136,8 +331,15 @@ class TeacherCache:
 
     def outputs(self, epoch: int, index: torch.Tensor) -> ModelOutput:
         v = self.view_of(epoch)
-        if v != self._view:  # load one view at a time onto the training device
-            self._tensors = {f: self._file.get_tensor(f"{f}.{v}").to(self.device) for f in self.info.fields}
+        if v != self._view:  # load one view at a time onto the training device (names: ``<field>[.<part>].<view>``)
+            names = [k for k in self._file.keys() if k.rsplit(".", 1)[1] == str(v)]
+            self._tensors = {k.rsplit(".", 1)[0]: self._file.get_tensor(k).to(self.device) for k in names}
             self._view = v
-        got = {f: t[index].float() for f, t in self._tensors.items()}
+        got: dict[str, torch.Tensor] = {}
+        for f in self.info.fields:
+            if f == "logits" and self.store == "topk":
+                parts = {k[len("logits."):]: t[index] for k, t in self._tensors.items() if k.startswith("logits.")}
+                got[f] = decompress_logits(parts, self.info.num_classes, int(self.info.meta["tail_bits"]))
+            else:
+                got[f] = self._tensors[f][index].float()
         return ModelOutput(got.get("logits"), got.get("prepool"), got.get("pooled"))  # type: ignore[arg-type]

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from kdlab.config import RunConfig, TeacherConfig, TeacherMember
-from kdlab.errors import ConfigError
+from kdlab.errors import CheckpointError, ConfigError
 from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import sha256_file
 from kdlab.models import ModelOutput, build
+from kdlab.models.convert import read_weights
 
 
 class EnsembleTeacher(nn.Module):
@@ -36,8 +37,24 @@ class EnsembleTeacher(nn.Module):
 def _load_one(spec: TeacherConfig | TeacherMember, num_classes: int) -> nn.Module:
     path = ck.resolve_weights_path(spec.checkpoint)
     model = build(spec, num_classes=num_classes)  # the whole section: a user model's classifier/features/kwargs too
-    ck.load_into(model, ck.load_weights_file(path), spec.name, f"teacher checkpoint {path}")
+    state = read_weights(path, list(model.state_dict()))  # safetensors, or a .pth read weights-only
+    check_weights(state, model.state_dict(), f"teacher checkpoint {path}")
+    ck.load_into(model, state, spec.name, f"teacher checkpoint {path}")
     return model
+
+
+def check_weights(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that would be silently wrong: a floating-point tensor of the model stored as integers (int8
+    would be cast, not dequantised) or holding NaN/Inf (which would otherwise surface as a NaN loss at step 0)."""
+    for key, mine in own.items():
+        got = state.get(key)
+        if got is None or not mine.is_floating_point():
+            continue  # missing keys are load_into's error; integer buffers (num_batches_tracked) are counters
+        if not got.is_floating_point():
+            raise CheckpointError(f"{source}: '{key}' is {str(got.dtype).removeprefix('torch.')}, not floating point "
+                                  "(quantised weights must be dequantised first)")  # fmt: skip
+        if not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{source}: '{key}' holds NaN or infinite values")
 
 
 def load_teacher(cfg: TeacherConfig | RunConfig, num_classes: int) -> nn.Module:

@@ -19,24 +19,31 @@ from torch import nn
 from tqdm import tqdm
 
 from kdlab.config import RunConfig, save_config
-from kdlab.data import Dataset, batches, build_dataset
+from kdlab.data import DataSource, build_dataset
 from kdlab.data.loader import num_batches
 from kdlab.engine import checkpoint as ck
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.callbacks import CALLBACKS, Callback
-from kdlab.engine.distributed import DistInfo, init_distributed, shard
+from kdlab.engine.distributed import DistInfo, init_distributed, shard, sync_batchnorm
 from kdlab.engine.evaluation import evaluate_split
 from kdlab.engine.fastpath import FastPath
+from kdlab.engine.meter import StepMeter
 from kdlab.engine.optim import build_optimizer
-from kdlab.engine.resume import check_same_config
-from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run
+from kdlab.engine.resume import (
+    check_cache_inputs, check_same_config, extend_epochs, integrity_record, load_resume_state,
+)
+from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run, open_run_folder
 from kdlab.engine.schedule import lr_at
 from kdlab.engine.teacher_cache import TeacherCache
 from kdlab.engine.teachers import load_teacher, teacher_fingerprint
+from kdlab.engine.progress import epoch_line, show_running_losses
+from kdlab.engine.trackers import build_trackers
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.methods import Method, build_method
 from kdlab.models import ModelOutput, build, num_params
+from kdlab.models.output import STAGE_FIELDS, keep_fields
 from kdlab.seeding import derive_seed, seed_everything
+from kdlab.trust import trusted_among
 
 
 class NonFiniteLossError(KdlabError):
@@ -65,20 +72,48 @@ def _features(model: nn.Module, x: torch.Tensor) -> ModelOutput:
 class Objective(nn.Module):
     """Student + method as one module, so that DistributedDataParallel syncs the gradients of both."""
 
-    def __init__(self, student: nn.Module, method: Method) -> None:
+    def __init__(self, student: nn.Module, method: Method, forward: Callable | None = None) -> None:
         super().__init__()
         self.student = student
         self.method = method
+        # the student's forward_features, compiled on the fast path; the method's losses (which may read the Python
+        # int epoch) stay outside the compiled graph, so a new epoch never recompiles
+        self._forward = forward or student.forward_features
+        # buffers each rank keeps in sync itself (CRD's memory): DistributedDataParallel leaves them alone
+        self._ddp_params_and_buffers_to_ignore = [f"method.{n}" for n in method.ddp_local_buffers]
 
     def forward(
         self, x: torch.Tensor, teacher: ModelOutput | None, target: torch.Tensor, epoch: int,
         x_strong: torch.Tensor | None = None, teacher_strong: ModelOutput | None = None,
+        index: torch.Tensor | None = None,
     ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:  # fmt: skip
-        s_out = _features(self.student, x)
+        s_out = self._forward(x)
+        extra: dict[str, object] = {"index": index} if self.method.needs_index else {}
         if x_strong is None:
-            return s_out, self.method.losses(s_out, teacher, target, epoch)
-        strong = (_features(self.student, x_strong), teacher_strong)  # separate forwards, as two-view methods do
-        return s_out, self.method.losses(s_out, teacher, target, epoch, strong=strong)
+            return s_out, self.method.losses(s_out, teacher, target, epoch, **extra)
+        strong = (self._forward(x_strong), teacher_strong)  # separate forwards, as two-view methods do
+        return s_out, self.method.losses(s_out, teacher, target, epoch, strong=strong, **extra)
+
+
+def check_model_fits_data(model: nn.Module, example: torch.Tensor, data: DataSource, what: str) -> None:
+    """One forward of an example batch before anything is written: a model that cannot read the data's inputs
+    (image data for a 1-D model, wrong channel count) or predicts another number of classes is a one-line error."""
+    was_training = model.training
+    model.eval()  # no running-statistics update, no dropout draw: the run is unchanged by this check
+    try:
+        with torch.no_grad():
+            logits = _features(model, example).logits
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{what} does not accept the inputs of dataset '{data.name}' (one sample: shape "
+            f"{list(example.shape[1:])}, {str(example.dtype).removeprefix('torch.')}): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+        raise ConfigError(f"{what} predicts logits of shape {list(logits.shape[1:])} per sample but dataset "
+                          f"'{data.name}' has {data.num_classes} classes")  # fmt: skip
 
 
 class Trainer:
@@ -95,7 +130,7 @@ class Trainer:
         *,
         resume: bool = False,
         overwrite: bool = False,
-        dataset: Dataset | None = None,
+        dataset: DataSource | None = None,
         teacher: nn.Module | None = None,
         callbacks: list[Callback] | None = None,
         log: Callable[[str], None] | None = None,
@@ -117,17 +152,21 @@ class Trainer:
         self.data = data.to(self.device)
         self._build_models(teacher)
         self._setup_teacher_cache()
-        example = self.data.transform.eval_batch(self.data.train.x[:2])
+        example = self.data.example_batch(2)
+        check_model_fits_data(self.student, example, self.data, f"model '{cfg.model.name}'")
+        if self.teacher is not None and cfg.teacher is not None:
+            check_model_fits_data(self.teacher, example, self.data, f"teacher '{cfg.teacher.name}'")
+        self.method.bind_data(self.data.num_train, self.data.labels("train"))
         self.method.setup(self.student, self.teacher, example)
         self.method.to(self.device)
         self._setup_fast_path(example)
-        self.optimizer = build_optimizer(cfg.optim, list(self.student.parameters()) + list(self.method.parameters()))
-        self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + list(callbacks or [])
+        self.optimizer = build_optimizer(cfg.optim, self.student, self.method)
+        self.callbacks = [CALLBACKS.get(name)() for name in cfg.instruments] + build_trackers(cfg.logging)
+        self.callbacks += list(callbacks or [])
         for cb in self.callbacks:
             cb.setup(self)  # validation only: nothing on disk has been touched yet
-        self.dist.barrier()  # every rank has validated before rank 0 touches the folder
-        if overwrite and self.dist.is_main:
-            clear_run(self.out)
+        self.dist.barrier()  # every rank has validated before rank 0 touches the folder (in run())
+        self.overwrite = overwrite
 
     def _setup_device(self) -> None:
         cfg = self.cfg
@@ -146,6 +185,8 @@ class Trainer:
         cfg = self.cfg
         seed_everything(derive_seed(cfg.seed, "init"))
         self.student = build(cfg.model, num_classes=self.data.num_classes).to(self.device)
+        if cfg.train.sync_bn:
+            self.student = sync_batchnorm(self.student, self.dist)
         self.teacher: nn.Module | None = None
         if self.method.needs_teacher:
             assert cfg.teacher is not None
@@ -163,8 +204,13 @@ class Trainer:
         self.augment_seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
         if self.teacher is None or cfg.teacher is None or not cfg.teacher.cache:
             return
+        stage_fields = set(self.method.teacher_outputs) & set(STAGE_FIELDS)
+        if stage_fields:
+            raise ConfigError(f"method '{cfg.method.name}' reads the teacher's {sorted(stage_fields)[0]}, which a "
+                              "teacher cache does not hold; unset teacher.cache (the teacher then runs live)")  # fmt: skip
         self.cache = TeacherCache(cfg.teacher.cache, self.device)
         self.cache.check(self.data, teacher_fingerprint(cfg.teacher), self.method.teacher_outputs)
+        check_cache_inputs(self.cache.info.meta.get("data"), cfg.data, cfg.teacher.cache)
         if cfg.data.augment_seed not in (None, self.cache.info.augment_seed):
             raise ConfigError(
                 f"data.augment_seed={cfg.data.augment_seed} but the teacher cache was made with "
@@ -181,17 +227,21 @@ class Trainer:
         self.channels_last = self.fast.channels_last
         self.scaler = self.fast.scaler
         self._autocast = self.fast.autocast
-        self._teacher_fwd = self.teacher.forward_features if self.teacher is not None else None  # type: ignore[union-attr]
-        self.objective: nn.Module = Objective(self.student, self.method)
+        if self.cfg.train.drop_last and self.data.num_train < self.cfg.train.batch_size:
+            raise ConfigError(f"train.drop_last with {self.data.num_train} training samples, fewer than "
+                              f"train.batch_size={self.cfg.train.batch_size}: every batch would be dropped")  # fmt: skip
+        self.meter = StepMeter(self.device)
+        self._teacher_fwd = None
+        if self.teacher is not None:  # under bf16/fp16 autocast: a copy of the frozen teacher in that dtype
+            self._teacher_fwd = self.fast.maybe_compile(self.fast.frozen_copy(self.teacher).forward_features)
+        student_fwd = self.fast.maybe_compile(self.student.forward_features)
+        self.objective: nn.Module = Objective(self.student, self.method, student_fwd)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DDP(self.objective, device_ids=ids, find_unused_parameters=any(
                 True for _ in self.method.parameters()))  # fmt: skip
-        self.objective = self.fast.maybe_compile(self.objective)  # type: ignore[assignment]
-        if self._teacher_fwd is not None:
-            self._teacher_fwd = self.fast.maybe_compile(self._teacher_fwd)
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -211,47 +261,63 @@ class Trainer:
         torch.set_rng_state(t["rng.torch"])
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        """Top-1 accuracy (%) and cross-entropy of the method's test-time prediction on a split."""
+        """Top-1 and top-5 accuracy (%) and cross-entropy of the method's test-time prediction on a split."""
         self.student.eval()
-        return evaluate_split(
-            lambda x: self.method.predict(_features(self.student, x)), getattr(self.data, split),
-            self.data.transform, self.cfg.train.eval_batch_size,
-        )  # fmt: skip
+
+        def predict(x: torch.Tensor) -> torch.Tensor:  # the training fast path: memory format and autocast
+            with self._autocast():
+                return self.method.predict(_features(self.student, self.fast.inputs(x)))
+
+        return evaluate_split(predict, self.data, split, self.cfg.train.eval_batch_size)
 
     @torch.inference_mode()
     def _teacher_forward(self, x: torch.Tensor) -> ModelOutput:
         assert self._teacher_fwd is not None
         with self._autocast():
-            return self._teacher_fwd(x)
+            return self._teacher_fwd(self.fast.inputs(x))
 
     def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> ModelOutput:
         """The teacher's outputs for a training batch: replayed from the cache, or a live forward."""
         if self.cache is not None:
             return self.cache.outputs(epoch, index)
         out = self._teacher_forward(x)
-        needed = self.method.teacher_outputs
-        # leave inference mode: clone what the method reads, drop the rest
-        return ModelOutput(*(t.clone() if (f in needed and t is not None) else None
-                             for f, t in zip(ModelOutput._fields, out)))  # fmt: skip
+        return keep_fields(out, self.method.teacher_outputs)  # leave inference mode: clone what the method reads
+
+    def forward_losses(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int
+    ) -> tuple[ModelOutput, dict[str, torch.Tensor], torch.Tensor]:
+        """The forward half of a training step on one batch: teacher outputs (live or cached, and the strong view of
+        two-view methods), the student under the run's autocast, the named loss terms and their sum."""
+        x = self.fast.inputs(x)
+        uses_teacher = self.teacher is not None and self.method.teacher_outputs
+        t_out = self.teacher_outputs(x, idx, epoch) if uses_teacher else None
+        views: tuple = ()
+        if self.method.views == 2:  # a strong view of the same samples (MLKD)
+            xs = self.fast.inputs(self.data.strong_batch(idx, self.augment_seed, epoch))
+            views = (xs, self.teacher_outputs(xs, idx, epoch) if uses_teacher else None)
+        with self._autocast():
+            s_out, terms = self.objective(x, t_out, y, epoch, *views, index=idx)
+            loss = sum(terms.values())
+        assert isinstance(loss, torch.Tensor)
+        return s_out, terms, loss
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        lr = lr_at(epoch, cfg.optim.lr, cfg.train.epochs, cfg.schedule)
+        lr = self.method.pre_lr(cfg.optim.lr) if epoch <= 0 else lr_at(epoch, cfg.optim.lr, cfg.train.epochs, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # dropout etc.: a function of (seed, epoch, rank) too
         torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, *([self.dist.rank] if self.dist.enabled else [])))
         self.objective.train()
         dev = self.device
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=dev)
-        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss
-        n, bsz, world = len(self.data.train), cfg.train.batch_size, self.dist.world
-        total = num_batches(n, bsz)
+        meter = self.meter
+        meter.reset()
+        n, bsz, world = self.data.num_train, cfg.train.batch_size, self.dist.world
+        total = n // bsz if cfg.train.drop_last else num_batches(n, bsz)  # drop_last: one static batch shape
         if world > 1 and 0 < n % bsz < world:
             total -= 1  # a last global batch smaller than the number of ranks is dropped (some ranks would be empty)
-        it = batches(
-            self.data.train, self.data.transform, bsz, train=True, seed=cfg.seed, epoch=epoch,
+        it = self.data.train_batches(
+            bsz, seed=cfg.seed, epoch=epoch,
             shard=(lambda idx: shard(idx, self.dist)) if self.dist.enabled else None, augment_seed=self.augment_seed,
             augment_epoch=self.cache.augment_epoch(epoch) if self.cache is not None else epoch,
         )  # fmt: skip
@@ -259,21 +325,11 @@ class Trainer:
             it, total=total, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
             disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True,
         )  # fmt: skip
-        seen = 0
         for step, (x, y, idx) in enumerate(bar):
             if step >= total:
                 break
             global_n = min(bsz, n - step * bsz)
-            uses_teacher = self.teacher is not None and self.method.teacher_outputs
-            t_out = self.teacher_outputs(x, idx, epoch) if uses_teacher else None
-            views: tuple = ()
-            if self.method.views == 2:  # a strong view of the same samples (MLKD)
-                xs = self.data.transform.strong_batch(self.data.train.x[idx], idx, self.augment_seed, epoch)
-                views = (xs, self.teacher_outputs(xs, idx, epoch) if uses_teacher else None)
-            with self._autocast():
-                s_out, terms = self.objective(x, t_out, y, epoch, *views)
-                loss = sum(terms.values())
-            assert isinstance(loss, torch.Tensor)
+            s_out, terms, loss = self.forward_losses(x, y, idx, epoch)
             # DDP averages gradients over ranks; weighting by the local share makes that the global-batch mean
             scaled = loss * (len(y) * world / global_n) if world > 1 else loss
             self.optimizer.zero_grad(set_to_none=True)
@@ -284,104 +340,127 @@ class Trainer:
             else:
                 scaled.backward()
                 self.optimizer.step()
-            with torch.no_grad():
-                bs = len(y)
-                seen += bs
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=dev)) + v.detach() * bs
-                sums["loss"] = sums.get("loss", torch.zeros((), device=dev)) + loss.detach() * bs
-                correct += (s_out.logits.argmax(1) == y).sum()
-                bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-                first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            meter.update(terms, loss, s_out.logits, y)  # in place, one preallocated buffer: no per-term tensors
+            show_running_losses(bar, step, meter.sums, meter.seen)  # a host sync every REFRESH_EVERY steps
             if dev.type == "cpu" or step % 50 == 49:  # free on CPU; on GPUs a sync only every 50 steps
-                if int(first_bad) >= 0:
-                    self._raise_non_finite(terms, epoch, int(first_bad))
-        if int(first_bad) >= 0:
-            self._raise_non_finite(terms, epoch, int(first_bad))
-        keys = sorted(sums)
-        packed = self.dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [correct, torch.tensor(float(seen), device=dev)]))
-        seen_all = float(packed[-1])
-        out = {f"train_{k}": float(v) / seen_all for k, v in zip(keys, packed[:-2])}
-        out["train_acc"] = 100.0 * float(packed[-2]) / seen_all
+                if meter.first_bad_step() >= 0:
+                    self._raise_non_finite(terms, epoch, meter.first_bad_step())
+        if meter.first_bad_step() >= 0:
+            self._raise_non_finite(terms, epoch, meter.first_bad_step())
+        out = meter.means(self.dist.all_reduce_sum(meter.packed()))
         out["lr"] = lr
         return out
 
     def _raise_non_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
         bad = next((k for k, v in terms.items() if not torch.isfinite(v).all()), "loss")
-        raise NonFiniteLossError(
-            f"non-finite loss (term '{bad}') at epoch {epoch}, step {step}; "
-            f"stopped, the last good checkpoint is kept in {self.out / 'checkpoints'}"
-        )
+        saved = ck.list_checkpoints(self.out / "checkpoints")
+        kept = f"the last good checkpoint is kept in {saved[0]}" if saved else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"non-finite loss (term '{bad}') at epoch {epoch}, step {step}; stopped, {kept}")
 
     # ----------------------------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """Run (or resume), holding the run folder's lock throughout: one writer per folder (engine/rundir.py)."""
+        lock = open_run_folder(self.out, resume=self.resume, overwrite=self.overwrite) if self.dist.is_main else None
+        ok = False
+        try:
+            self.dist.barrier()
+            result = self._run()
+            ok = True
+            return result
+        finally:
+            if lock is not None:
+                if not ok and not self.resume and not ck.list_checkpoints(self.out / "checkpoints"):
+                    clear_run(self.out)  # a start that failed (disk full, ...) leaves no half run blocking a retry
+                lock.release(failed=not ok)
+
+    def _run(self) -> RunResult:
         cfg, main = self.cfg, self.dist.is_main
         ckpt_dir = self.out / "checkpoints"
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.out)
         start, best_acc, best_epoch, wall, imgs, train_time = 0, -1.0, 0, 0.0, 0, 0.0
-        teacher_acc = None
-        state = ck.load_latest(ckpt_dir) if self.resume else None
+        teacher_acc = teacher_top5 = best_top5 = None
+        teacher_sha = teacher_fingerprint(cfg.teacher) if cfg.teacher is not None and self.teacher is not None else None
+        state = load_resume_state(self.out, teacher_sha, self.log) if self.resume else None
+        if main and self.resume:  # verified first: a refused resume changes nothing
+            extend_epochs(self.out, cfg.train.epochs, self.log)
         if state is not None:
             self._restore(state)
             m = state.meta
             start, best_acc, best_epoch = m["epoch"], m["best_acc"], m["best_epoch"]
             wall, imgs, train_time, teacher_acc = m["wall_time_s"], m["train_images"], m["train_time_s"], m["teacher_acc"]
+            best_top5, teacher_top5 = m.get("best_top5"), m.get("teacher_top5")
             self.log(f"resuming {self.out} after epoch {start}")
         else:
             if main:
                 save_config(cfg, self.out / "config.yaml")
             if self.teacher is not None:
-                teacher_acc = self._teacher_accuracy()
-                self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}%")  # type: ignore[union-attr]
+                teacher_acc, teacher_top5 = self._teacher_accuracy()
+                self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}% "  # type: ignore[union-attr]
+                         f"(top-5 {teacher_top5:.2f}%)")
+        pre = self.method.pre_epochs  # a method's pre-phase runs first, as epochs 1 − pre … 0 (checkpoints count on)
+        start -= pre
         if main:
             metrics.restore(start)
+        integrity = integrity_record(self.out, teacher_sha) if main else {}
+        teachers = [cfg.teacher.name, *(m.name for m in cfg.teacher.ensemble)] if cfg.teacher is not None else []
+        trusted = trusted_among([cfg.model.name, cfg.data.name, *teachers])  # allowed by --trust-code (kdlab.trust)
+        if trusted:
+            integrity["trusted_code"] = trusted
+            self.log(f"calling code trusted with --trust-code: {', '.join(trusted)}")
         for cb in self.callbacks:
             cb.on_train_start(self)
         for epoch in range(start + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
-            row: dict[str, Any] = {"epoch": epoch}
+            row: dict[str, Any] = {"epoch": epoch} if epoch > 0 else {"epoch": epoch, "phase": "pre"}
             row.update(self.train_epoch(epoch))
+            if epoch == 0 and pre:
+                self.optimizer.state.clear()  # the main phase starts with a fresh optimizer state (RepDistiller)
             t_train = time.perf_counter() - t0
             ev = self.evaluate("test")
-            row.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            row.update(test_acc=ev["acc"], test_top5=ev["top5"], test_loss=ev["loss"])
             for cb in self.callbacks:
                 row.update(cb.on_epoch_end(self, epoch))
             dt = time.perf_counter() - t0
             wall += dt
             train_time += t_train
-            imgs += len(self.data.train)
-            row.update(epoch_time_s=round(dt, 3), images_per_s=round(len(self.data.train) / t_train, 1))
-            improved = ev["acc"] > best_acc
+            imgs += self.data.num_train
+            row.update(epoch_time_s=round(dt, 3), images_per_s=round(self.data.num_train / t_train, 1))
+            improved = epoch > 0 and ev["acc"] > best_acc
             if improved:
-                best_acc, best_epoch = ev["acc"], epoch
+                best_acc, best_epoch, best_top5 = ev["acc"], epoch, ev["top5"]
             if main:
                 if improved:
                     ck.save_weights(self.out / "best.safetensors", self.student.state_dict())
                 metrics.append(row)
+                for cb in self.callbacks:
+                    cb.on_epoch_row(self, row)
                 meta = dict(
                     best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
-                    train_time_s=train_time, teacher_acc=teacher_acc, world_size=self.dist.world,
+                    train_time_s=train_time, teacher_acc=teacher_acc, world_size=self.dist.world, **integrity,
+                    best_top5=best_top5, teacher_top5=teacher_top5,
                 )  # fmt: skip
-                ck.save_train_state(ckpt_dir, epoch, self._state(epoch, meta), keep=cfg.train.keep_checkpoints)
+                ck.save_train_state(ckpt_dir, epoch + pre, self._state(epoch + pre, meta), keep=cfg.train.keep_checkpoints)
             self.dist.barrier()
-            self.log(
-                f"epoch {epoch}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
-                f"test {ev['acc']:.2f}%  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
-            )
+            self.log(epoch_line(row, cfg.train.epochs))
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         final = self.evaluate("test")
         summary = {
             "model": cfg.model.name,
             "method": cfg.method.name,
             "teacher": cfg.teacher.name if cfg.teacher else None,
             "teacher_test_acc": teacher_acc,
+            "teacher_test_top5": teacher_top5,
             "dataset": cfg.data.name,
             "seed": cfg.seed,
             "epochs": cfg.train.epochs,
             "final_test_acc": final["acc"],
+            "final_test_top5": final["top5"],
             "best_test_acc": best_acc,
+            "best_test_top5": best_top5,  # top-5 of the best-top-1 epoch (the best.safetensors weights)
             "best_epoch": best_epoch,
             "num_params": num_params(self.student),
             "wall_time_s": round(wall, 2),
@@ -389,6 +468,8 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world,
         }
+        if trusted:
+            summary["trusted_code"] = trusted
         if self.data.noisy_indices is not None:
             summary["label_noise"] = {"fraction": cfg.data.label_noise, "seed": cfg.data.label_noise_seed,
                                       "flipped": len(self.data.noisy_indices)}  # fmt: skip
@@ -398,10 +479,12 @@ class Trainer:
         self.dist.barrier()
         return RunResult(self.out, summary)
 
-    def _teacher_accuracy(self) -> float:
-        return evaluate_split(
-            lambda x: self._teacher_forward(x).logits, self.data.test, self.data.transform, self.cfg.train.eval_batch_size
-        )["acc"]
+    def _teacher_accuracy(self) -> tuple[float, float]:
+        """The teacher's top-1 and top-5 test accuracy (%)."""
+        ev = evaluate_split(
+            lambda x: self._teacher_forward(x).logits, self.data, "test", self.cfg.train.eval_batch_size
+        )
+        return ev["acc"], ev["top5"]
 
 
 def run(

@@ -207,12 +207,12 @@ def analyze_run(
     student = _load_model(cfg.model, weights, k, "student weights").to(device)
     t_model = None if t_spec is None else t_spec.load(k).to(device)
 
-    part = getattr(data, split)
-    idx = subset_indices(len(part), max_samples, cfg.seed)
+    n = data.split_size(split)
+    idx = subset_indices(n, max_samples, cfg.seed)
     bs = cfg.train.eval_batch_size
-    log(f"analyzing {run_dir} on {len(part) if idx is None else len(idx)} {split} samples")
-    s_out = collect_outputs(student, part, data.transform, bs, idx)
-    t_out = None if t_model is None else collect_outputs(t_model, part, data.transform, bs, idx)
+    log(f"analyzing {run_dir} on {n if idx is None else len(idx)} {split} samples")
+    s_out = collect_outputs(student, data, split, bs, idx)
+    t_out = None if t_model is None else collect_outputs(t_model, data, split, bs, idx)
 
     label = f"{run_dir.name} ({cfg.model.name}, {method_label(cfg)})"
     _remove_stale_tmp(run_dir)
@@ -223,7 +223,7 @@ def analyze_run(
         summary = _measure(
             run_dir, cfg, label, split, s_out, t_out, t_spec, student, t_model, tmp, k,
             classes=classes, tsne_samples=tsne_samples, init_seeds=init_seeds, bins=bins,
-            inputs=data.transform.eval_batch(part.x[: min(len(part), 512)]), device=device, log=log,
+            inputs=data.example_batch(min(n, 512), split), device=device, log=log,
         )  # fmt: skip
         text = json.dumps(_clean(summary), indent=1, allow_nan=False)
         (tmp / SUMMARY).write_text(text)

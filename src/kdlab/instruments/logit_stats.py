@@ -77,8 +77,9 @@ def histogram(values: torch.Tensor | np.ndarray, bins: int = 50) -> Histogram:
     if v.size == 0:
         raise KdlabError("histogram of an empty set of values")
     lo, hi = float(v.min()), float(v.max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
+    if hi - lo <= 1e-12 * max(1.0, abs(lo), abs(hi)):  # one value (or a spread too small for finite-sized bins)
+        mid = lo + (hi - lo) / 2
+        lo, hi = mid - 0.5, mid + 0.5
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     return Histogram(counts, edges)
 
@@ -193,12 +194,11 @@ class LogitStatsCallback(Callback):
         from kdlab.instruments.outputs import collect_outputs, subset_indices
         from kdlab.instruments.reference import reference_teacher
 
-        train = trainer.data.train
-        idx = subset_indices(len(train), self.max_samples, trainer.cfg.seed)
-        self.indices = None if idx is None else idx.to(train.x.device)
+        idx = subset_indices(trainer.data.num_train, self.max_samples, trainer.cfg.seed)
+        self.indices = None if idx is None else idx.to(trainer.device)
         teacher = reference_teacher(trainer)
         if teacher is not None:
-            out = collect_outputs(teacher, train, trainer.data.transform, trainer.cfg.train.eval_batch_size, self.indices)
+            out = collect_outputs(teacher, trainer.data, "train", trainer.cfg.train.eval_batch_size, self.indices)
             self.teacher_logits = out.logits.to(trainer.device)
             sums = self.teacher_logits.sum(dim=1)
             self.teacher_row = {
@@ -213,12 +213,7 @@ class LogitStatsCallback(Callback):
         model.eval()
         zs, rs = [], []
         with torch.inference_mode():
-            from kdlab.data import batches
-
-            for x, _, _ in batches(
-                trainer.data.train, trainer.data.transform, trainer.cfg.train.eval_batch_size, train=False,
-                indices=self.indices,
-            ):  # fmt: skip
+            for x, _, _ in trainer.data.eval_batches("train", trainer.cfg.train.eval_batch_size, self.indices):
                 out = model.forward_features(x)  # type: ignore[operator]
                 zs.append(out.logits.float())
                 rs.append(torch.flatten(out.pooled, 1).float())

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdlab.data import Split, batches
-from kdlab.data.base import Transform
+from kdlab.data import DataSource
 from kdlab.seeding import generator
 
 
@@ -43,12 +42,13 @@ def subset_indices(n: int, max_samples: int | None, seed: int = 0) -> torch.Tens
 @torch.inference_mode()
 def collect_outputs(
     model: nn.Module,
-    split: Split,
-    transform: Transform,
+    data: DataSource,
+    split: str,
     batch_size: int = 512,
     indices: torch.Tensor | None = None,
 ) -> Outputs:
-    """Logits and pooled features of ``model`` on ``split`` (or on ``indices`` of it), in sample order, on the CPU.
+    """Logits and pooled features of ``model`` on the ``split`` of ``data`` (or on ``indices`` of it), in sample
+    order, on the CPU.
 
     The model is put in eval mode for the forward passes and its previous train/eval mode is restored afterwards.
     """
@@ -56,7 +56,7 @@ def collect_outputs(
     model.eval()
     logits, feats, labels = [], [], []
     try:
-        for x, y, _ in batches(split, transform, batch_size, train=False, indices=indices):
+        for x, y, _ in data.eval_batches(split, batch_size, indices):
             out = model.forward_features(x)  # type: ignore[operator]
             logits.append(out.logits.float().cpu())
             if out.pooled is not None:

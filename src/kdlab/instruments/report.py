@@ -1,6 +1,8 @@
-"""``write_report``: one self-contained HTML page comparing analysed runs.
+"""``write_report``: one self-contained HTML page comparing runs.
 
-Reads each run's ``analysis/summary.json`` (written by :func:`~kdlab.instruments.analysis.analyze_run`) and its
+Every run (finished or still training) gets its learning curves, read from ``metrics.jsonl``: accuracy, the loss
+and each of its terms against epoch, and the scalars of the instruments recorded during training. Analysed runs
+also get their ``analysis/summary.json`` (written by :func:`~kdlab.instruments.analysis.analyze_run`) and its
 figures. The page holds a comparison table, cross-run figures drawn from the summaries' numbers (logit-sum
 histograms as in kl-vs-mse Fig. 2, ‖z^s − z^t‖ and ‖r^s‖ pdfs as in Fig. 4, μ over epochs as in
 reusing-teacher-classifier Fig. 1) and every run's own figures, all PNGs embedded as base64: no external file.
@@ -61,6 +63,7 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
             "method": s.get("method_label", s["method"]),
             "teacher": (s.get("teacher") or {}).get("name"),
             "test acc %": rs.get("final_test_acc"),
+            "test top-5 %": rs.get("final_test_top5"),
             f"{s['split']} acc %": s["accuracy"]["student"],
             "logit sum mean": st["sum"]["mean"],
             "logit sum std": st["sum"]["std"],
@@ -137,6 +140,67 @@ def cross_run_figures(summaries: Sequence[dict[str, Any]], tmp: Path) -> list[Pa
     return out
 
 
+def metric_runs(run_dirs: Sequence[str | Path]) -> dict[Path, str]:
+    """Run folders with a ``metrics.jsonl`` at or below ``run_dirs`` (finished or still training), in order, each
+    with its label: the given folder's name, then the path below it."""
+    found: dict[Path, str] = {}
+    for p in map(Path, run_dirs):
+        if not p.exists():
+            raise KdlabError(f"no such run or folder: {p}")
+        if (p / "metrics.jsonl").is_file():
+            found.setdefault(p, p.resolve().name)
+        elif p.is_dir():
+            for m in sorted(p.rglob("metrics.jsonl")):
+                if (m.parent / "config.yaml").is_file():
+                    found.setdefault(m.parent, str(Path(p.resolve().name) / m.parent.relative_to(p)))
+    return found
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (a torn last line of a run being written is skipped)."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return rows
+
+
+def learning_curves_html(runs: dict[Path, str], tmp: Path) -> str:
+    """The learning-curves section: per run (folder → label), accuracy and loss terms against epoch and the live
+    instruments' scalars (``instruments:`` in its config), all read from ``metrics.jsonl``; no ``kdlab analyze``."""
+    parts = [
+        "<h2>Learning curves</h2><p>From each run's <code>metrics.jsonl</code> (a run still training shows its "
+        "epochs so far): accuracy, the training loss with each of its weighted terms, the test loss, and the "
+        "scalars of the instruments recorded during training.</p>"
+    ]
+    metrics = {run: read_metrics(run) for run in runs}
+    overlay = {runs[r]: plots.epoch_series(rows, "test_acc") for r, rows in metrics.items() if rows}
+    if 1 < len(overlay) <= 16:
+        fig = plots.plot_runs_overlay(overlay, "test accuracy (%)", "test accuracy per epoch, all runs",
+                                      tmp / "curves_all.png")  # fmt: skip
+        parts.append(f"<div class='grid'>{_img(fig, 'test accuracy per epoch, all runs')}</div>")
+    for i, (run, name) in enumerate(runs.items()):
+        rows = metrics[run]
+        if not rows:
+            continue
+        last = rows[-1]
+        done = "finished" if (run / "summary.json").is_file() else "running or interrupted"
+        head = (f"{html.escape(name)}: {len(rows)} epochs ({done}), last test acc "
+                f"{_fmt(last.get('test_acc'))} %")  # fmt: skip
+        figs = [plots.plot_learning_curves(rows, f"{name}: learning curves", tmp / f"curves_{i}.png")]
+        keys = plots.instrument_columns(rows)
+        if keys:
+            figs.append(plots.plot_instrument_curves(rows, keys, f"{name}: instruments per epoch", tmp / f"live_{i}.png"))
+        opened = " open" if len(runs) <= 4 else ""
+        imgs = "".join(_img(p, f"{name} {p.stem}") for p in figs)
+        parts.append(f"<details{opened}><summary>{head}</summary><div class='grid'>{imgs}</div></details>")
+    return "\n".join(parts)
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;
 font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f0f0f0}
 td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}figure{margin:.5em 0}
@@ -159,8 +223,14 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
     # runs analysed with `kdlab analyze` get the instrument sections; every run or sweep folder gets a row in the
     # accuracy table, next to the paper's number recorded in its recipe's `meta`
     analysed = [d for d in run_dirs if (Path(d) / ANALYSIS_DIR / SUMMARY).is_file()]
-    accuracy = comparison_records(compare_rows(run_dirs))
-    if not analysed and not accuracy:
+    curves = metric_runs(run_dirs)
+    try:
+        accuracy = comparison_records(compare_rows(run_dirs))
+    except KdlabError:
+        if not curves:
+            raise
+        accuracy = []  # runs still training: their learning curves so far
+    if not analysed and not accuracy and not curves:
         raise KdlabError(f"no kdlab runs or analyses found in {', '.join(map(str, run_dirs))}")
     summaries = [load_summary(d) for d in analysed]
     parts = [
@@ -171,6 +241,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
         "<p>mean ± std over seeds (n runs); paper: the number recorded in the recipe's <code>meta.paper_top1</code>; "
         "Δ = our best − paper.</p>",
     ]
+    if curves:
+        with tempfile.TemporaryDirectory() as tmp:
+            parts.append(learning_curves_html(curves, Path(tmp)))
     if summaries:
         parts += [
             f"<h2>Instruments</h2><p>{len(summaries)} analysed run(s); numbers measured by <code>kdlab analyze</code> "

@@ -32,13 +32,30 @@ class Method(nn.Module):
     #: 2 for methods trained on a weak and a strong view of each sample (MLKD): ``losses`` then also receives
     #: ``strong=(student_output, teacher_output)`` of the strong view
     views: ClassVar[int] = 1
+    #: True for methods whose ``losses`` take ``index=`` (the training-set indices of the batch, e.g. CRD's memory)
+    needs_index: ClassVar[bool] = False
+    #: buffers every rank keeps identical itself (e.g. CRD's memory, updated from all ranks' gathered batches):
+    #: DistributedDataParallel must not broadcast them from rank 0 at every step
+    ddp_local_buffers: ClassVar[tuple[str, ...]] = ()
+
+    #: epochs of a preliminary phase run before the main ``train.epochs`` (FT's paraphraser, AB's initialisation),
+    #: inside the same run and checkpointed like any epoch: ``losses`` is then called with ``epoch`` = 1 − pre_epochs
+    #: … 0 and the learning rate is :meth:`pre_lr` (phases are a function of the epoch)
+    pre_epochs: int = 0
 
     def __init__(self, params: MethodParams) -> None:
         super().__init__()
         self.params = params
 
+    def pre_lr(self, lr: float) -> float:
+        """The constant learning rate of the pre-phase epochs, given the run's base learning rate."""
+        return lr
+
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
         """Build parts whose shapes depend on the models (called once with an example batch)."""
+
+    def bind_data(self, num_samples: int, labels: torch.Tensor | None) -> None:
+        """Size (and labels, when known) of the training set; called by the engine before :meth:`setup`."""
 
     def losses(
         self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int, **views: object

@@ -22,12 +22,14 @@ it and no gradient accumulates in it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from kdlab.errors import ConfigError
-from kdlab.losses import cross_entropy
+from kdlab.losses import cross_entropy, kd
 from kdlab.losses import feature as LF
 from kdlab.methods.base import METHODS, Method, MethodParams
 from kdlab.models.base import ModelOutput
@@ -53,6 +55,17 @@ def _teacher_classifier(teacher: nn.Module) -> FrozenLinear:
     return FrozenLinear.copy_of(classifier)
 
 
+def check_channels_first(out: ModelOutput, who: str, method: str) -> None:
+    """Reject token-shaped (N×T×C, transformer) pre-pool features: feature methods read channel-first maps
+    (N×C×L / N×C×H×W) or vectors. A 3-D feature whose last, not second, dimension is the pooled width is token-shaped."""
+    f, d = out.prepool, out.pooled.shape[-1]
+    if f.dim() == 3 and f.shape[1] != d and f.shape[2] == d:
+        raise ConfigError(
+            f"{method}: the {who}'s features are token-shaped {tuple(f.shape)} (N×T×C); feature methods "
+            "need channel-first maps (N×C×H×W / N×C×L) or vectors: tap a convolutional module, or the pooled vector"
+        )
+
+
 class _ConnectorParams(MethodParams):
     connector: ConnectorKind = Field("1x1", description="connector: 1x1 | 1x1-1x1 | bottleneck | identity")
     factor: int = Field(2, ge=1, description="bottleneck connector: channel reduction factor")
@@ -73,7 +86,10 @@ class _FeatureMethod(Method):
     ) -> tuple[ModelOutput, ModelOutput]:
         if teacher is None:
             raise ConfigError(f"method '{type(self).__name__}' needs a teacher")
-        return dry_forward(student, example), dry_forward(teacher, example)
+        s_out, t_out = dry_forward(student, example), dry_forward(teacher, example)
+        check_channels_first(s_out, "student", type(self).__name__)
+        check_channels_first(t_out, "teacher", type(self).__name__)
+        return s_out, t_out
 
 
 class _HeadMethod(_FeatureMethod):
@@ -104,46 +120,75 @@ class _HeadMethod(_FeatureMethod):
 class FitNetParams(_ConnectorParams):
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
     feat_weight: float = Field(100.0, ge=0, description="weight β of the hint (feature MSE) term")
+    hint_layer: int | None = Field(
+        None, ge=1, description="intermediate hint: stage k's output of both models (RepDistiller / mdistiller "
+        "HINT_LAYER, whose default is 2, counting the stem as 0); null: the pre-pool map",
+    )  # fmt: skip
 
 
 @METHODS.register("fitnet")
 class FitNet(_FeatureMethod):
     """FitNets: ``ce_weight · CE + feat_weight · MSE(connector(f_s), f_t)`` on the pre-pool maps.
 
-    The hint is the last (pre-pool) feature, the one every kdlab model exposes; the connector (regressor) trains with
+    The hint is the last (pre-pool) feature, the one every kdlab model exposes, or with ``hint_layer = k`` the output
+    of stage k (:attr:`ModelOutput.stages`, RepDistiller's intermediate hint); the connector (regressor) trains with
     the student and is dropped at test time. Defaults as in RepDistiller / mdistiller (CE 1, hint 100).
     """
 
     Params = FitNetParams
     teacher_outputs = ("prepool",)
 
+    def __init__(self, params: FitNetParams) -> None:
+        super().__init__(params)
+        if params.hint_layer is not None:
+            self.teacher_outputs = ("stages",)
+
+    def _hint(self, out: ModelOutput) -> torch.Tensor:
+        k = self.params.hint_layer
+        return out.prepool if k is None else out.stages[k - 1]
+
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
         s_out, t_out = self._features(student, teacher, example)
         p = self.params
-        self.connector = build_connector(p.connector, s_out.prepool, t_out.prepool, p.factor)
+        k = p.hint_layer
+        for who, out in (("student", s_out), ("teacher", t_out)):
+            if k is not None and k > len(out.stages):
+                raise ConfigError(f"fitnet: method.hint_layer={k} but the {who} exposes {len(out.stages)} stages")
+        self.connector = build_connector(p.connector, self._hint(s_out), self._hint(t_out), p.factor)
 
     def losses(self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int):
         p = self.params
         assert teacher is not None
         out = {}
         if p.feat_weight:
-            s = self.connector(student.prepool)
-            out["feature"] = p.feat_weight * LF.fitnet(s, align_teacher(teacher.prepool, s))
+            s = self.connector(self._hint(student))
+            out["feature"] = p.feat_weight * LF.fitnet(s, align_teacher(self._hint(teacher), s))
         if p.ce_weight:
             out["ce"] = p.ce_weight * cross_entropy(student.logits, target)
         return out
 
 
 class SRRLParams(_ConnectorParams):
+    variant: Literal["paper", "simkd_repo"] = Field(
+        "paper", description="paper: connector on the pre-pool map (SRRL paper); simkd_repo: connector on the pooled "
+        "vector plus a KD term, as the SimKD repository's SRRL",
+    )  # fmt: skip
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term (student's own classifier)")
     feat_weight: float = Field(1.0, ge=0, description="weight of the pooled-feature MSE term")
     logit_weight: float = Field(1.0, ge=0, description="weight α of the softmax-regression (logit MSE) term")
+    kd_weight: float | None = Field(
+        None, ge=0, description="weight of the KD term (default: 0 for paper, 1 for simkd_repo)"
+    )
+    temperature: float = Field(4.0, gt=0, description="KD temperature (simkd_repo: 4)")
 
 
 @METHODS.register("srrl")
 class SRRL(_FeatureMethod):
     """SRRL (ideal-joint-classifier-kd Eq. 6/8, Algorithm 1): CE on the student's own logits + pooled feature MSE +
     MSE between the frozen teacher classifier on the connected student feature and the teacher's logits.
+
+    ``variant="simkd_repo"`` is the SRRL of the SimKD repository: the connector (1×1 conv-BN-ReLU on a 1×1 map, i.e.
+    Linear-BN-ReLU) acts on the pooled vector, and a KD term (T = 4, weight 1) is added to CE and the two MSEs.
 
     The student keeps and is evaluated with its own classifier; the connector and the frozen teacher classifier
     belong to the method (training only).
@@ -152,10 +197,18 @@ class SRRL(_FeatureMethod):
     Params = SRRLParams
     teacher_outputs = ("logits", "prepool")
 
+    def __init__(self, params: SRRLParams) -> None:
+        super().__init__(params)
+        self._pooled = params.variant == "simkd_repo"
+        self._kd_weight = params.kd_weight if params.kd_weight is not None else (1.0 if self._pooled else 0.0)
+        if self._pooled:
+            self.teacher_outputs = ("logits", "pooled")
+
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
         s_out, t_out = self._features(student, teacher, example)
         p = self.params
-        self.connector = build_connector(p.connector, s_out.prepool, t_out.prepool, p.factor)
+        field = "pooled" if self._pooled else "prepool"
+        self.connector = build_connector(p.connector, getattr(s_out, field), getattr(t_out, field), p.factor)
         self.teacher_classifier = _teacher_classifier(teacher).to(example.device)  # type: ignore[arg-type]
 
     def losses(self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int):
@@ -163,12 +216,15 @@ class SRRL(_FeatureMethod):
         assert teacher is not None
         out = {}
         if p.feat_weight or p.logit_weight:
-            s = self.connector(student.prepool)
-            feature, logit = LF.srrl(s, teacher.prepool, self.teacher_classifier, teacher.logits)
+            s = self.connector(student.pooled if self._pooled else student.prepool)
+            t = teacher.pooled if self._pooled else teacher.prepool
+            feature, logit = LF.srrl(s, t, self.teacher_classifier, teacher.logits)
             if p.feat_weight:
                 out["feature"] = p.feat_weight * feature
             if p.logit_weight:
                 out["logit"] = p.logit_weight * logit
+        if self._kd_weight:
+            out["kd"] = self._kd_weight * kd(student.logits, teacher.logits, p.temperature)
         if p.ce_weight:
             out["ce"] = p.ce_weight * cross_entropy(student.logits, target)
         return out

@@ -21,7 +21,11 @@ class MLKDParams(StandardizeParams):
         description="temperatures of every level; the first is the base T (release: [T, 3, 5, 2, 6], T = 4)",
     )
     ce_weight: float = Field(0.1, ge=0, description="weight of the cross-entropy term (per view)")
-    kd_weight: float = Field(0.9, ge=0, description="weight of the instance/batch/class terms (standardize: 9)")
+    kd_weight: float = Field(0.9, ge=0, description="weight of the instance-level terms, and of the batch/class "
+                             "terms unless set (published runs: 9 on all three)")
+    batch_weight: float | None = Field(None, ge=0, description="weight of the batch-level term (default: kd_weight)")
+    class_weight: float | None = Field(None, ge=0, description="weight of the class-level term (default: kd_weight; "
+                                       "it grows like (B/K)², lower it for few classes)")
     mask_mode: Literal["release", "per_sample", "none"] = Field(
         "release",
         description="confidence masks: release = scalar × mean(mask) as released, per_sample = per-sample/column "
@@ -47,7 +51,8 @@ class MLKD(Method):
 
     The release trains on a weak and a strong augmentation of each image; so does kdlab (``views = 2``: the engine
     passes the strong view's student and teacher outputs as ``strong``; the strong augmentation is the transform's
-    ``strong_batch``, a batched stand-in for the release's AutoAugment-style policy). Called without ``strong``
+    ``strong_batch``: for images the release's RandAugment(2, 10) + Cutout policy as batched tensor operations on
+    the device, ``data.strong_augment``, :mod:`kdlab.data.strong`). Called without ``strong``
     (e.g. from a user's own loop) the weak view serves as both. ``standardize`` acts on the instance-level terms, as the release's
     ``logit_stand`` (recipe there: base temperature 2, KD weight 9).
     """
@@ -64,5 +69,5 @@ class MLKD(Method):
         s_strong, t_strong = (strong[0].logits, strong[1].logits) if strong is not None else (None, None)
         return L.mlkd_terms(
             student.logits, teacher.logits, target, s_strong, t_strong, p.temperatures, p.ce_weight, p.kd_weight,
-            standardizer(p), p.mask_mode, p.release_quirks,
+            standardizer(p), p.mask_mode, p.release_quirks, p.batch_weight, p.class_weight,
         )  # fmt: skip

@@ -1,14 +1,16 @@
 """Model registry: ``kdlab.models.build(name, num_classes=...)`` returns an ``nn.Module`` whose ``forward`` gives logits.
 
 Every model — kdlab's zoo or a user's ``nn.Module`` — has ``forward_features(x) -> ModelOutput(logits, prepool,
-pooled)`` and a ``classifier`` (the final ``nn.Linear``). The zoo is the standard CIFAR KD benchmark (RepDistiller /
-mdistiller names, parameter names and shapes: ``shared/specs/cifar_zoo_state_dicts.json``) plus the MNIST-1D test bed.
-A name of the form ``package.module:Class`` or ``path/to/file.py:Class`` builds a user model seen through forward
-hooks (:mod:`kdlab.models.taps`).
+pooled, stages, preacts)`` and a ``classifier`` (the final ``nn.Linear``). The zoo is the standard CIFAR KD benchmark (RepDistiller /
+mdistiller names, parameter names and shapes: ``shared/specs/cifar_zoo_state_dicts.json``), the MNIST-1D test bed
+and the ImageNet zoo (``imagenet_resnet18…152`` with torchvision's names, ``imagenet_mobilenet_v1``:
+:mod:`kdlab.models.imagenet`). A name of the form ``package.module:Class`` or ``path/to/file.py:Class`` builds a user
+model seen through forward hooks (:mod:`kdlab.models.taps`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -18,6 +20,7 @@ from torch import nn
 from kdlab.errors import ConfigError
 from kdlab.models.base import HEAD, ModelOutput, ZooModel, global_pool, num_params
 from kdlab.models.cifar_resnet import CifarResNet
+from kdlab.models.imagenet import IMAGENET_MODELS
 from kdlab.models.mnist1d import Mnist1dCNN, Mnist1dMLP
 from kdlab.models.mobilenetv2 import mobile_half
 from kdlab.models.resnet_bottleneck import BottleneckResNet
@@ -35,7 +38,19 @@ for _depth in (8, 14, 20, 32, 44, 56, 110):
 for _depth in (8, 32):
     MODELS.add(f"resnet{_depth}x4", partial(CifarResNet, _depth, (32, 64, 128, 256)))
 for _depth, _k in ((16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2), (40, 6)):
-    MODELS.add(f"wrn_{_depth}_{_k}", partial(WideResNet, _depth, _k))
+    MODELS.add(f"wrn_{_depth}_{_k}", partial(WideResNet, _depth, _k))  # listed by `kdlab zoo`
+
+
+def _wrn(match: re.Match[str]) -> Callable[..., nn.Module]:
+    """Any WRN-D-W the family allows: depth D = 6n + 4 (n ≥ 1), width W ≥ 1 (e.g. ``wrn_40_4``, ``wrn_22_8``)."""
+    depth, width = int(match[1]), int(match[2])
+    if depth < 10 or (depth - 4) % 6 or width < 1:
+        raise ValueError(f"a WRN needs depth 6n+4 ≥ 10 and width ≥ 1 (wrn_10_1, wrn_16_2, wrn_40_4, ...), "
+                         f"got depth {depth}, width {width}")  # fmt: skip
+    return partial(WideResNet, depth, width)
+
+
+MODELS.add_family(r"wrn_(\d+)_(\d+)", _wrn)
 for _name, _cfg in VGG_CONFIGS.items():
     MODELS.add(_name, partial(VGG, _cfg))
 MODELS.add("MobileNetV2", mobile_half)
@@ -44,6 +59,8 @@ MODELS.add("ShuffleV2", ShuffleNetV2)
 MODELS.add("ResNet50", partial(BottleneckResNet, (3, 4, 6, 3)))
 MODELS.add("mnist1d_cnn", Mnist1dCNN)
 MODELS.add("mnist1d_mlp", Mnist1dMLP)
+for _name, _factory in IMAGENET_MODELS.items():
+    MODELS.add(_name, _factory)
 
 
 class ModelSpec(Protocol):
@@ -51,7 +68,7 @@ class ModelSpec(Protocol):
 
     name: str
     classifier: str | None
-    features: str | None
+    features: str | list[str] | None
     kwargs: dict[str, Any]
 
 
@@ -60,7 +77,7 @@ def build(
     num_classes: int = 100,
     *,
     classifier: str | None = None,
-    features: str | None = None,
+    features: str | list[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the model registered as ``name`` with ``num_classes`` outputs.

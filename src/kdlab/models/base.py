@@ -1,87 +1,36 @@
-"""The one interface through which kdlab sees every model: logits, pre-pool map, pooled feature, classifier.
+"""The one interface through which kdlab sees every model: logits, pre-pool map, pooled feature, classifier, and
+the stage features (:class:`~kdlab.models.output.ModelOutput`).
 
 Two kinds of model implement it:
 
-* :class:`ZooModel`, kdlab's own architectures, which compute the three outputs in :meth:`ZooModel.backbone_features`;
+* :class:`ZooModel`, kdlab's own architectures, which compute the outputs in :meth:`ZooModel.backbone_features`;
 * :class:`kdlab.models.taps.TappedModel`, any user ``nn.Module`` seen through forward hooks.
 
 Both can carry a *deployment head* (:class:`kdlab.models.heads.ReusedClassifierHead`, registered as the sub-module
 ``kd_head``): a connector plus the frozen classifier of a teacher, as trained by SimKD / IJCKD. With a head, the
 model's features become the connector's output and its logits those of the reused classifier, so the distilled
 student is a self-contained model (its weights file holds the head; no teacher is needed at test time).
+
+Imports run one way: ``base`` → ``heads`` → ``connectors`` → ``output`` (:class:`ModelOutput`, :func:`global_pool`
+and :data:`HEAD` are defined in :mod:`kdlab.models.output` and re-exported here).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-HEAD = "kd_head"
-"""Name of the sub-module holding a deployment head; its weights are saved as ``kd_head.*`` next to the model's."""
-
-
-class ModelOutput(NamedTuple):
-    """What a forward pass exposes.
-
-    ``prepool``: the map that is pooled into the penultimate vector (N×C×H×W for CNNs, N×C×L for 1-D CNNs; for
-    vector models the last hidden vector itself). ``pooled``: the penultimate vector, N×D. ``logits`` =
-    ``classifier(pooled)``.
-    """
-
-    logits: torch.Tensor
-    prepool: torch.Tensor
-    pooled: torch.Tensor
-
-
-def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """Average over every dimension after the channels (N×C×… → N×C); vectors are returned unchanged."""
-    return x if x.dim() == 2 else x.flatten(2).mean(dim=2)
-
-
-class HeadMixin:
-    """Deployment-head support shared by :class:`ZooModel` and :class:`~kdlab.models.taps.TappedModel`."""
-
-    _modules: dict[str, nn.Module | None]
-
-    @property
-    def head(self) -> nn.Module | None:
-        """The attached deployment head, or ``None``."""
-        return self._modules.get(HEAD)
-
-    def attach_head(self, head: nn.Module) -> None:
-        """Route this model's outputs through ``head`` (replaces any previous head)."""
-        nn.Module.add_module(self, HEAD, head)  # type: ignore[arg-type]
-
-    def detach_head(self) -> nn.Module | None:
-        """Remove and return the head (the model gives its own logits again)."""
-        return self._modules.pop(HEAD, None)
-
-    def _through_head(self, out: ModelOutput) -> ModelOutput:
-        head = self.head
-        return out if head is None else head(out)
-
-    def adapt_to_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Attach the head described by ``state`` (``kd_head.*`` keys) before a strict load.
-
-        Called by :func:`kdlab.engine.checkpoint.load_into`, so a distilled student's weights file loads into a plain
-        ``kdlab.models.build(name)`` and predicts exactly as it did at the end of training.
-        """
-        prefix = HEAD + "."
-        if self.head is None and any(k.startswith(prefix) for k in state):
-            from kdlab.models.heads import head_from_state
-
-            head = head_from_state(state, prefix)
-            ref = next(iter(nn.Module.parameters(self)), None)  # type: ignore[arg-type]
-            self.attach_head(head.to(ref.device) if ref is not None else head)
+from kdlab.errors import ConfigError
+from kdlab.models.heads import HeadMixin
+from kdlab.models.output import HEAD, ModelOutput, global_pool
 
 
 class ZooModel(HeadMixin, nn.Module):
     """Base of kdlab's own models: ``forward`` returns logits, ``forward_features`` returns a :class:`ModelOutput`.
 
     Subclasses set ``classifier_name``, the module path of the final ``nn.Linear``, and implement
-    :meth:`backbone_features` (their own classifier's outputs).
+    :meth:`backbone_features` (their own classifier's outputs, with ``stages`` and ``preacts``) and, where OFD's
+    margins make sense, :meth:`stage_norms`.
     """
 
     classifier_name: str = "fc"
@@ -89,8 +38,14 @@ class ZooModel(HeadMixin, nn.Module):
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def stage_norms(self) -> list[nn.Module]:
+        """The BatchNorm layer that produces each of ``preacts`` (mdistiller's ``get_bn_before_relu``): OFD's
+        margins are computed from their affine parameters."""
+        raise ConfigError(f"{type(self).__name__} does not expose the BatchNorm layers before its stage ReLUs (OFD)")
+
     def forward_features(self, x: torch.Tensor) -> ModelOutput:
-        """Logits, pre-pool map and pooled feature (through the deployment head when one is attached)."""
+        """Logits, pre-pool map, pooled feature and stage features (through the deployment head when one is
+        attached)."""
         return self._through_head(self.backbone_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +73,22 @@ class ZooModel(HeadMixin, nn.Module):
         return head.classifier if head is not None else self.own_classifier
 
 
+def run_stages(stages: list[nn.Sequential], x: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+    """Run residual stages whose last block has ``forward_pre(x) -> (relu(pre), pre)``.
+
+    Returns the last output and a partial :class:`ModelOutput` carrying only ``stages`` / ``preacts`` (the other
+    fields ``None``), to be completed with ``_replace``. The computation is exactly that of the plain forward.
+    """
+    outs, pres = [], []
+    for stage in stages:
+        for i in range(len(stage) - 1):
+            x = stage[i](x)
+        x, pre = stage[len(stage) - 1].forward_pre(x)
+        outs.append(x)
+        pres.append(pre)
+    return x, ModelOutput(None, None, None, tuple(outs), tuple(pres))  # type: ignore[arg-type]
+
+
 def submodule(model: nn.Module, path: str) -> nn.Module:
     """The sub-module at a dotted ``path``, looked up in ``_modules`` (not shadowed by properties such as
     :attr:`ZooModel.classifier`)."""
@@ -133,3 +104,6 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
 def num_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["HEAD", "HeadMixin", "ModelOutput", "ZooModel", "global_pool", "num_params", "run_stages", "submodule"]

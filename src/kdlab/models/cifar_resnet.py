@@ -4,6 +4,7 @@ Depth 6n+2 with BasicBlocks; stages 16-16-32-64 (``resnetN``) or 32-64-128-256 (
 order of the state dict and parameter shapes match the published zoo checkpoints (see
 ``shared/specs/cifar_zoo_state_dicts.json``) so they load with ``strict=True``. Initialisation follows the same code:
 Kaiming-normal (fan-out) convolutions, BatchNorm weight 1 / bias 0, PyTorch's default for the final Linear.
+Stages: ``layer1..3`` outputs; pre-activations: their last block's residual sum before the ReLU (mdistiller).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdlab.models.base import ModelOutput, ZooModel
+from kdlab.models.base import ModelOutput, ZooModel, run_stages
 
 
 class BasicBlock(nn.Module):
@@ -27,11 +28,16 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        pre = out + identity
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pre(x)[0]
 
 
 class CifarResNet(ZooModel):
@@ -74,6 +80,9 @@ class CifarResNet(ZooModel):
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x, out = run_stages([self.layer1, self.layer2, self.layer3], x)
         pooled = torch.flatten(self.avgpool(x), 1)
-        return ModelOutput(self.fc(pooled), x, pooled)
+        return out._replace(logits=self.fc(pooled), prepool=x, pooled=pooled)
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [layer[-1].bn2 for layer in (self.layer1, self.layer2, self.layer3)]

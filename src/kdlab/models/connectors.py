@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdlab.errors import ConfigError
-from kdlab.models.base import global_pool
+from kdlab.models.output import global_pool
 
 ConnectorKind = Literal["1x1", "1x1-1x1", "bottleneck", "identity"]
 KINDS: tuple[str, ...] = ("1x1", "1x1-1x1", "bottleneck", "identity")

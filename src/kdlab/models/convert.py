@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kdlab.errors import CheckpointError, KdlabError
+from kdlab.errors import CheckpointError, KdlabError, require_file
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _STATE_KEYS = ("model", "state_dict", "net")
@@ -45,9 +45,7 @@ def safe_torch_load(path: str | Path) -> Any:
     Raises :class:`CheckpointError` when the file is missing, is not a PyTorch file, or pickles any other object
     (the object is never constructed: PyTorch's weights-only unpickler stops at its global).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = require_file(path, "checkpoint", CheckpointError)  # a folder or FIFO is named as such
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -125,6 +123,35 @@ def student_state(state: dict[str, torch.Tensor], expected: list[str]) -> tuple[
     return best
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+"""File suffixes read as PyTorch pickles (weights-only); anything else is read as safetensors."""
+
+
+def read_weights(path: str | Path, expected: list[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file: kdlab safetensors, or a PyTorch file (``.pth``…) read weights-only.
+
+    A PyTorch file may be a plain state dict (torchvision's ``resnet34-b627a593.pth``), a ``{'model': …}`` /
+    ``{'state_dict': …}`` dict or a ``DataParallel`` / mdistiller state; the prefix whose keys are ``expected`` is
+    used (:func:`student_state`). BatchNorm ``num_batches_tracked`` counters, absent from torchvision's older files,
+    are filled with 0 (what ``nn.BatchNorm2d`` itself does for such files).
+    """
+    from kdlab.engine import checkpoint as ck
+
+    if Path(path).suffix.lower() not in TORCH_SUFFIXES:
+        return ck.load_weights_file(path)
+    return fill_bn_counters(student_state(read_checkpoint(path).state, expected)[1], expected)
+
+
+def fill_bn_counters(state: dict[str, torch.Tensor], expected: list[str]) -> dict[str, torch.Tensor]:
+    """``state`` plus the BatchNorm ``num_batches_tracked`` entries of ``expected`` it lacks (as 0)."""
+    state = dict(state)
+    for key in expected:
+        stem = key.removesuffix("num_batches_tracked")
+        if key.endswith(".num_batches_tracked") and key not in state and f"{stem}running_mean" in state:
+            state[key] = torch.tensor(0, dtype=torch.long)
+    return state
+
+
 def convert(path: str | Path, arch: str, out: str | Path, *, overwrite: bool = False,
             num_classes: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Convert a RepDistiller / mdistiller checkpoint of ``arch`` to ``out`` (safetensors); returns a summary.
@@ -142,6 +169,7 @@ def convert(path: str | Path, arch: str, out: str | Path, *, overwrite: bool = F
     model = build(arch, num_classes=num_classes or 100)
     expected = list(model.state_dict())
     prefix, state = student_state(imported.state, expected)
+    state = fill_bn_counters(state, expected)
     cls_key = f"{getattr(model, 'classifier_name', 'fc')}.weight"
     if num_classes is None and cls_key in state and state[cls_key].dim() == 2 and state[cls_key].shape[0] != 100:
         model = build(arch, num_classes=int(state[cls_key].shape[0]))

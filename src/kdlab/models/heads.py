@@ -9,6 +9,10 @@ gradients still flow *through* it to the student's features.
 (:meth:`kdlab.models.base.HeadMixin.attach_head`), it turns the student into "student backbone → connector → global
 average pool → teacher classifier" (SimKD, Chen et al. 2022; ideal-joint-classifier-kd Alg. 2-3), which is what is
 trained, evaluated and saved.
+
+:class:`HeadMixin` gives :class:`~kdlab.models.base.ZooModel` and :class:`~kdlab.models.taps.TappedModel` their
+head support; it lives here, with the head it builds, so that ``base`` → ``heads`` → ``connectors`` → ``output`` is
+a one-way chain (no import cycle).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdlab.models.base import ModelOutput, global_pool
 from kdlab.models.connectors import Connector
+from kdlab.models.output import HEAD, ModelOutput, global_pool
 
 
 class FrozenLinear(nn.Linear):
@@ -55,7 +59,7 @@ class ReusedClassifierHead(nn.Module):
     def forward(self, out: ModelOutput) -> ModelOutput:
         fmap = self.connector(out.prepool)
         pooled = global_pool(fmap)
-        return ModelOutput(self.classifier(pooled), fmap, pooled)
+        return out._replace(logits=self.classifier(pooled), prepool=fmap, pooled=pooled)
 
 
 def head_from_state(state: dict[str, torch.Tensor], prefix: str) -> ReusedClassifierHead:
@@ -65,3 +69,39 @@ def head_from_state(state: dict[str, torch.Tensor], prefix: str) -> ReusedClassi
         raise ValueError(f"no reused classifier under '{prefix}' in the state dict")
     connector = Connector.from_state(state, f"{prefix}connector.")
     return ReusedClassifierHead(connector, FrozenLinear(torch.zeros_like(w), state.get(f"{prefix}classifier.bias")))
+
+
+class HeadMixin:
+    """Deployment-head support shared by :class:`~kdlab.models.base.ZooModel` and
+    :class:`~kdlab.models.taps.TappedModel`."""
+
+    _modules: dict[str, nn.Module | None]
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The attached deployment head, or ``None``."""
+        return self._modules.get(HEAD)
+
+    def attach_head(self, head: nn.Module) -> None:
+        """Route this model's outputs through ``head`` (replaces any previous head)."""
+        nn.Module.add_module(self, HEAD, head)  # type: ignore[arg-type]
+
+    def detach_head(self) -> nn.Module | None:
+        """Remove and return the head (the model gives its own logits again)."""
+        return self._modules.pop(HEAD, None)
+
+    def _through_head(self, out: ModelOutput) -> ModelOutput:
+        head = self.head
+        return out if head is None else head(out)
+
+    def adapt_to_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Attach the head described by ``state`` (``kd_head.*`` keys) before a strict load.
+
+        Called by :func:`kdlab.engine.checkpoint.load_into`, so a distilled student's weights file loads into a plain
+        ``kdlab.models.build(name)`` and predicts exactly as it did at the end of training.
+        """
+        prefix = HEAD + "."
+        if self.head is None and any(k.startswith(prefix) for k in state):
+            head = head_from_state(state, prefix)
+            ref = next(iter(nn.Module.parameters(self)), None)  # type: ignore[arg-type]
+            self.attach_head(head.to(ref.device) if ref is not None else head)

@@ -5,12 +5,16 @@
   10 classes.
 * ``mnist1d_mlp`` (student): 40 → 100 → 100 → classes with ReLU; the penultimate 100-d vector is both its
   "pre-pool" and pooled feature. 15,210 parameters at 10 classes.
+
+Stages: the CNN's second and third conv blocks (N×C×L maps; the first block is the stem), pre-activations their
+BatchNorm outputs; the MLP's two hidden vectors (N×100), pre-activations the Linear outputs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kdlab.models.base import ModelOutput, ZooModel
 
@@ -36,9 +40,18 @@ class Mnist1dCNN(ZooModel):
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        fmap = self.features(x)
-        pooled = fmap.mean(dim=2)
-        return ModelOutput(self.fc(pooled), fmap, pooled)
+        stages, preacts = [], []
+        for i, (conv, bn, _) in enumerate(self.features):
+            pre = bn(conv(x))
+            x = F.relu(pre)
+            if i:  # the first block is the stem
+                stages.append(x)
+                preacts.append(pre)
+        pooled = x.mean(dim=2)
+        return ModelOutput(self.fc(pooled), x, pooled, tuple(stages), tuple(preacts))
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [block[1] for block in self.features[1:]]
 
 
 class Mnist1dMLP(ZooModel):
@@ -54,5 +67,8 @@ class Mnist1dMLP(ZooModel):
         self.fc = nn.Linear(hidden, num_classes)
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
-        h = self.body(torch.flatten(x, 1))
-        return ModelOutput(self.fc(h), h, h)
+        p1 = self.body[0](torch.flatten(x, 1))
+        h1 = F.relu(p1)
+        p2 = self.body[2](h1)
+        h = F.relu(p2)
+        return ModelOutput(self.fc(h), h, h, (h1, h), (p1, p2))

@@ -5,6 +5,8 @@ Same module names and shapes as RepDistiller / mdistiller ``mobilenetv2.py`` (``
 ``shared/specs/cifar_zoo_state_dicts.json``. The pre-pool map is the ``conv2`` output (1×1 conv-BN-ReLU to 1280
 channels, 2×2 for 32×32 inputs), not RepDistiller's ``is_feat`` ``feats[-2]``. Unlike the reference constructor this
 one prints nothing. Initialisation as in the reference: conv N(0, 2/(k·k·out)), BN 1/0, Linear N(0, 0.01) bias 0.
+Stages: the outputs of block groups 1, 2, 4, 6 (mdistiller); they end with a BatchNorm and no ReLU (linear
+bottlenecks), so they are also the pre-activations.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kdlab.models.base import ModelOutput, ZooModel
 # expansion t, output channels c, repeats n, first stride s (the reference's ``interverted_residual_setting``)
 SETTINGS = [(1, 16, 1, 1), ("T", 24, 2, 1), ("T", 32, 3, 2), ("T", 64, 4, 2), ("T", 96, 3, 1), ("T", 160, 3, 2),
             ("T", 320, 1, 1)]  # fmt: skip
+STAGE_ENDS = (1, 2, 4, 6)  # block groups whose output is a stage feature (mdistiller ``feats[1:]``)
 
 
 def _conv_bn_relu(inp: int, oup: int, k: int, stride: int) -> nn.Sequential:
@@ -72,11 +75,17 @@ class MobileNetV2(ZooModel):
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = self.conv1(x)
-        for stage in self.blocks:
+        stages = []
+        for i, stage in enumerate(self.blocks):
             x = stage(x)
+            if i in STAGE_ENDS:
+                stages.append(x)
         fmap = self.conv2(x)
         pooled = fmap.mean(dim=(2, 3))
-        return ModelOutput(self.own_classifier(pooled), fmap, pooled)
+        return ModelOutput(self.own_classifier(pooled), fmap, pooled, tuple(stages), tuple(stages))
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [self.blocks[i][-1].conv[-1] for i in STAGE_ENDS]
 
 
 def mobile_half(num_classes: int = 100) -> MobileNetV2:

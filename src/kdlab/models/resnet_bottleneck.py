@@ -3,7 +3,8 @@
 3×3 stem without max-pooling, Bottleneck stages [3, 4, 6, 3] at 64/128/256/512 (×4) channels, global average
 pooling, classifier ``linear``. Names and shapes equal ``shared/specs/cifar_zoo_state_dicts.json``; the pre-pool map
 is the layer4 output (N×2048×4×4 for 32×32). Initialisation as in the reference: Kaiming-normal (fan-out) convs,
-BN 1/0, PyTorch's default Linear.
+BN 1/0, PyTorch's default Linear. Stages: ``layer1..4`` outputs; pre-activations: their last block's residual sum
+before the ReLU (mdistiller).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdlab.models.base import ModelOutput, ZooModel
+from kdlab.models.base import ModelOutput, ZooModel, run_stages
 
 
 class Bottleneck(nn.Module):
@@ -33,11 +34,16 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(self.expansion * planes),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        pre = out + self.shortcut(x)
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pre(x)[0]
 
 
 class BottleneckResNet(ZooModel):
@@ -72,6 +78,9 @@ class BottleneckResNet(ZooModel):
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
-        fmap = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        fmap, out = run_stages([self.layer1, self.layer2, self.layer3, self.layer4], x)
         pooled = torch.flatten(self.avgpool(fmap), 1)
-        return ModelOutput(self.linear(pooled), fmap, pooled)
+        return out._replace(logits=self.linear(pooled), prepool=fmap, pooled=pooled)
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [layer[-1].bn3 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]

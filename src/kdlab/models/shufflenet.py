@@ -3,7 +3,8 @@
 Module names and shapes equal RepDistiller / mdistiller ``ShuffleNetv1.py`` / ``ShuffleNetv2.py`` (see
 ``shared/specs/cifar_zoo_state_dicts.json``); the classifier is ``linear``. Pre-pool maps: ShuffleV1 — the layer3
 output (960 channels, no 1×1 conv before pooling); ShuffleV2 — ``relu(bn2(conv2(layer3 output)))`` (1024 channels).
-Initialisation is PyTorch's default, as in the reference code.
+Initialisation is PyTorch's default, as in the reference code. Stages: ``layer1..3`` outputs; pre-activations as
+mdistiller's ``preact_feats`` (no OFD margins: mdistiller does not support ShuffleNets as OFD teachers either).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdlab.models.base import ModelOutput, ZooModel
+from kdlab.models.base import ModelOutput, ZooModel, run_stages
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -52,12 +53,17 @@ class ShuffleV1Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the sum (or concatenation) before the final ReLU."""
         out = self.shuffle1(F.relu(self.bn1(self.conv1(x))))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        pre = torch.cat([out, res], 1) if self.stride == 2 else out + res
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pre(x)[0]
 
 
 class ShuffleNetV1(ZooModel):
@@ -86,9 +92,9 @@ class ShuffleNetV1(ZooModel):
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
-        fmap = self.layer3(self.layer2(self.layer1(x)))
+        fmap, out = run_stages([self.layer1, self.layer2, self.layer3], x)
         pooled = fmap.mean(dim=(2, 3))
-        return ModelOutput(self.linear(pooled), fmap, pooled)
+        return out._replace(logits=self.linear(pooled), prepool=fmap, pooled=pooled)
 
 
 # ---------------------------------------------------------------------------------------------------------------- V2
@@ -108,6 +114,16 @@ class ShuffleV2Block(nn.Module):
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ShuffleBlock(2)
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``; the pre-activation is ``cat(x1, bn3(…))`` *before* the shuffle, as in
+        mdistiller's ``preact_feats``."""
+        c = int(x.size(1) * self.split_ratio)
+        x1, x2 = x[:, :c], x[:, c:]
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        pre = self.bn3(self.conv3(out))
+        return self.shuffle(torch.cat([x1, F.relu(pre)], 1)), torch.cat([x1, pre], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = int(x.size(1) * self.split_ratio)
@@ -169,7 +185,7 @@ class ShuffleNetV2(ZooModel):
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x, out = run_stages([self.layer1, self.layer2, self.layer3], x)
         fmap = F.relu(self.bn2(self.conv2(x)))
         pooled = fmap.mean(dim=(2, 3))
-        return ModelOutput(self.linear(pooled), fmap, pooled)
+        return out._replace(logits=self.linear(pooled), prepool=fmap, pooled=pooled)

@@ -5,8 +5,14 @@ The user names two modules by their path in ``named_modules()``:
 * ``classifier`` — the final ``nn.Linear``. A forward hook records its input (the pooled penultimate vector) and its
   output (the logits), so the logits are exactly what the model computes, whatever its ``forward`` returns.
 * ``features`` (optional) — the module whose output is the pre-pool feature map (e.g. ``layer4``): N×C×H×W,
-  N×C×L or a vector. Without it, the classifier's input is both the "pre-pool" and the pooled feature (vector
-  features, as for an MLP).
+  N×C×L or a vector; or a list of modules, the model's *stages* (``[layer1, layer2, layer3, layer4]``): their
+  outputs become ``ModelOutput.stages`` (and ``preacts``: name BatchNorm modules to tap pre-activations; a list
+  of BatchNorms also gives OFD its margins), the last one is the pre-pool map. Without it, the classifier's input is
+  both the "pre-pool" and the pooled feature (vector features, as for an MLP), and the model has no stages.
+
+Feature maps must be channels-first. A 3-D output that looks like tokens (N×T×C: the module is a Linear /
+LayerNorm / attention / transformer layer, or its last dimension is the classifier's width) is flagged by
+:meth:`TappedModel.token_shaped` so that feature methods can refuse it with a clear message.
 
 :class:`TappedModel` holds the user's model as ``self.model`` but its ``state_dict()`` / ``load_state_dict()`` use
 the user's own key names (no ``model.`` prefix), so checkpoints written for the plain module load unchanged and
@@ -15,18 +21,14 @@ kdlab's weights files load into the plain module. In a config the model is named
     model:
       name: mypkg.nets:MyNet              # or a file: path/to/file.py:MyNet (relative to the working directory)
       classifier: fc
-      features: layer4
+      features: layer4                    # or stages: [layer1, layer2, layer3, layer4]
       kwargs: {width: 32}                 # constructor arguments; num_classes is passed when the constructor takes it
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from torch import nn
 
 from kdlab.errors import ConfigError, did_you_mean
 from kdlab.models.base import HEAD, HeadMixin, ModelOutput
+from kdlab.trust import import_object, require_trusted
 
 _WRAPPED = "model."
 
@@ -49,13 +52,17 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 class TappedModel(HeadMixin, nn.Module):
     """Wrap ``model`` so that ``forward_features(x)`` returns a :class:`ModelOutput` collected by forward hooks."""
 
-    def __init__(self, model: nn.Module, classifier: str, features: str | None = None) -> None:
+    def __init__(self, model: nn.Module, classifier: str, features: str | list[str] | None = None) -> None:
         super().__init__()
         self.model = model
         self.classifier_name = classifier
-        self.features_name = features
+        paths = [features] if isinstance(features, str) else list(features or [])
+        if features is not None and not paths:
+            raise ConfigError("model.features: the list of stage modules is empty")
+        self.feature_paths: tuple[str, ...] = tuple(paths)
+        self.features_name = paths[-1] if paths else None  # the pre-pool map
         modules = dict(model.named_modules())
-        for role, path in (("classifier", classifier), ("features", features)):
+        for role, path in [("classifier", classifier)] + [("features", p) for p in paths]:
             if path is not None and (path == "" or path not in modules):
                 names = [n for n in modules if n]
                 raise ConfigError(
@@ -68,8 +75,8 @@ class TappedModel(HeadMixin, nn.Module):
             )
         self._taps: dict[str, torch.Tensor] = {}
         modules[classifier].register_forward_hook(self._classifier_hook)
-        if features is not None:
-            modules[features].register_forward_hook(self._features_hook)
+        for i, path in enumerate(paths):
+            modules[path].register_forward_hook(partial(self._features_hook, i))
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
@@ -79,11 +86,11 @@ class TappedModel(HeadMixin, nn.Module):
         self._taps["pooled"] = args[0]
         self._taps["logits"] = output
 
-    def _features_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _features_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         tensor = _first_tensor(output)
         if tensor is None:
-            raise ConfigError(f"model.features: '{self.features_name}' returned {type(output).__name__}, not a tensor")
-        self._taps["prepool"] = tensor
+            raise ConfigError(f"model.features: '{self.feature_paths[i]}' returned {type(output).__name__}, not a tensor")
+        self._taps[f"stage{i}"] = tensor  # a module run twice: its last output counts
 
     # interface -------------------------------------------------------------------------------------------------------
 
@@ -98,13 +105,34 @@ class TappedModel(HeadMixin, nn.Module):
         if "logits" not in taps:
             raise ConfigError(f"model.classifier: '{self.classifier_name}' did not run during forward")
         pooled = taps["pooled"]
-        if self.features_name is None:
-            prepool = pooled
-        elif "prepool" not in taps:
-            raise ConfigError(f"model.features: '{self.features_name}' did not run during forward")
-        else:
-            prepool = taps["prepool"]
-        return self._through_head(ModelOutput(taps["logits"], prepool, pooled))
+        stages = []
+        for i, path in enumerate(self.feature_paths):
+            if f"stage{i}" not in taps:
+                raise ConfigError(f"model.features: '{path}' did not run during forward")
+            stages.append(taps[f"stage{i}"])
+        prepool = stages[-1] if stages else pooled
+        return self._through_head(ModelOutput(taps["logits"], prepool, pooled, tuple(stages), tuple(stages)))
+
+    def stage_norms(self) -> list[nn.Module]:
+        """The tapped stage modules when they are all BatchNorms (their outputs are then pre-activations)."""
+        modules = [self.model.get_submodule(p) for p in self.feature_paths]
+        if not modules or not all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+            raise ConfigError(
+                "OFD needs the teacher's BatchNorm before each stage ReLU: name BatchNorm modules in teacher.features"
+            )
+        return modules
+
+    _TOKEN_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                      nn.TransformerEncoder, nn.TransformerDecoderLayer)  # fmt: skip
+
+    def token_shaped(self, out: ModelOutput) -> str | None:
+        """The path of the first tapped stage whose output looks like N×T×C tokens, or ``None``."""
+        width = self.own_classifier.in_features
+        for path, t in zip(self.feature_paths, out.stages):
+            module = self.model.get_submodule(path)
+            if t.dim() == 3 and (isinstance(module, self._TOKEN_MODULES) or (t.shape[-1] == width != t.shape[1])):
+                return path
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: the user's own forward, or the head's prediction when one is attached."""
@@ -151,51 +179,16 @@ def is_user_model(name: str) -> bool:
     return ":" in name
 
 
-def _load_file_module(path: Path) -> Any:
-    resolved = path.resolve()
-    mod_name = f"kdlab_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, resolved)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"user model: cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[mod_name]
-        raise ConfigError(f"user model: importing {path} failed: {type(err).__name__}: {err}") from None
-    return module
-
-
 def resolve_user_class(name: str) -> type[nn.Module]:
-    """The class named by ``module.path:Class`` or ``file.py:Class`` (one-line :class:`ConfigError` otherwise)."""
-    where, _, attr = name.rpartition(":")
-    if not where or not attr:
-        raise ConfigError(f"user model '{name}' must look like package.module:Class or path/to/file.py:Class")
-    if where.endswith(".py"):
-        path = Path(where).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"user model '{name}': file not found: {where}")
-        module = _load_file_module(path)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise ConfigError(f"user model '{name}': cannot import '{where}': {err}") from None
-    obj = module
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ConfigError(f"user model '{name}': '{where}' has no attribute '{attr}'")
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)) and not callable(obj):
-        raise ConfigError(f"user model '{name}' is not an nn.Module class or factory")
+    """The ``nn.Module`` class named by ``module.path:Class`` or ``file.py:Class``; any other callable (a factory)
+    only with ``--trust-code`` (:mod:`kdlab.trust`). Nothing is called here; one-line :class:`ConfigError` otherwise."""
+    obj = import_object(name, what="user model")
+    require_trusted(name, obj, what="user model", allowed=nn.Module)
     return obj  # type: ignore[return-value]
 
 
 def build_user_model(
-    name: str, num_classes: int, classifier: str | None, features: str | None = None, **kwargs: Any
+    name: str, num_classes: int, classifier: str | None, features: str | list[str] | None = None, **kwargs: Any
 ) -> TappedModel:
     """Instantiate the user's model and wrap it in a :class:`TappedModel`.
 

@@ -5,6 +5,7 @@ removed and applied in ``forward``), max-pooling between stages 0-1, 1-2, 2-3 (a
 the reference), global average pooling and a single ``nn.Linear`` named ``classifier``. Module names and shapes equal
 ``shared/specs/cifar_zoo_state_dicts.json``; the pre-pool map is ``relu(block4 output)`` (N×512×4×4 for 32×32).
 Initialisation as in the reference: conv N(0, 2/(k·k·out)) with bias 0, BN 1/0, Linear N(0, 0.01) with bias 0.
+Stages: ``relu(block1..4)`` before pooling; pre-activations: the ``block1..4`` outputs (mdistiller).
 """
 
 from __future__ import annotations
@@ -74,11 +75,16 @@ class VGG(ZooModel):
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
         h = x.shape[2]
         x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
-        if h == 64:
-            x = self.pool3(x)
-        fmap = F.relu(self.block4(x))
+        p1 = self.block1(x)
+        f1 = F.relu(p1)
+        p2 = self.block2(self.pool1(f1))
+        f2 = F.relu(p2)
+        p3 = self.block3(self.pool2(f2))
+        f3 = F.relu(p3)
+        p4 = self.block4(self.pool3(f3) if h == 64 else f3)
+        fmap = F.relu(p4)
         pooled = torch.flatten(self.pool4(fmap), 1)
-        return ModelOutput(self.own_classifier(pooled), fmap, pooled)
+        return ModelOutput(self.own_classifier(pooled), fmap, pooled, (f1, f2, f3, fmap), (p1, p2, p3, p4))
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [self.block1[-1], self.block2[-1], self.block3[-1], self.block4[-1]]

@@ -9,6 +9,11 @@ The pre-pool map is ``relu(bn1(block3 output))`` (the map that is actually poole
 ``feats[-2]`` is the block3 output *before* that BN-ReLU). Pooling is a global average (the reference code's
 ``avg_pool2d(·, 8)`` is the same thing on 32×32 inputs). Initialisation as in the reference: conv weights
 N(0, 2/(k·k·out_channels)), BN weight 1 / bias 0, Linear bias 0 (weight: PyTorch default).
+
+Stages: the ``block1..3`` outputs (RepDistiller / mdistiller ``feats[1:]``); pre-activations: each stage output
+through the BatchNorm that follows it (the next stage's first ``bn1``, and the final ``bn1``), computed once, inside
+the forward pass (mdistiller applies those BatchNorms a second time, which in training updates their running
+statistics twice).
 """
 
 from __future__ import annotations
@@ -39,8 +44,17 @@ class WideBasicBlock(nn.Module):
             None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
         )
 
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, bn1(x))``: ``bn1(x)`` is the pre-activation of this block's input (the previous stage's
+        output, WRN being a pre-activation network)."""
+        pre = self.bn1(x)
+        act = F.relu(pre)
+        return self._rest(x, act), pre
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.relu1(self.bn1(x))
+        return self._rest(x, self.relu1(self.bn1(x)))
+
+    def _rest(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         out = self.relu2(self.bn2(self.conv1(act)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
@@ -63,6 +77,13 @@ class NetworkBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation of the input)`` (see :meth:`WideBasicBlock.forward_pre`)."""
+        x, pre = self.layer[0].forward_pre(x)
+        for i in range(1, len(self.layer)):
+            x = self.layer[i](x)
+        return x, pre
 
 
 class WideResNet(ZooModel):
@@ -94,7 +115,13 @@ class WideResNet(ZooModel):
                 nn.init.zeros_(m.bias)
 
     def backbone_features(self, x: torch.Tensor) -> ModelOutput:
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
-        fmap = self.relu(self.bn1(x))
+        f1 = self.block1(self.conv1(x))
+        f2, p1 = self.block2.forward_pre(f1)
+        f3, p2 = self.block3.forward_pre(f2)
+        p3 = self.bn1(f3)
+        fmap = F.relu(p3)
         pooled = fmap.mean(dim=(2, 3))
-        return ModelOutput(self.fc(pooled), fmap, pooled)
+        return ModelOutput(self.fc(pooled), fmap, pooled, (f1, f2, f3), (p1, p2, p3))
+
+    def stage_norms(self) -> list[nn.Module]:
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]

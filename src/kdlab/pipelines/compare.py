@@ -1,6 +1,7 @@
-"""Our numbers next to the papers': runs grouped over seeds, compared with ``meta.paper_top1`` of their recipes.
+"""Our numbers next to the papers': runs grouped over seeds, compared with ``meta.paper_top1`` / ``paper_top5``.
 
-A recipe records what the paper reports in its ``meta`` section (``paper``: where, ``paper_top1``: the number).
+A recipe records what the paper reports in its ``meta`` section (``paper``: where, ``paper_top1``: the number,
+``paper_top5``: the top-5 number where the paper gives one, e.g. its ImageNet tables).
 :func:`compare_rows` finds every finished run below the given paths (single runs, sweeps, chains), groups runs
 that differ only in their seed (runs of a plan: by their cell; other runs: by their config without the seed),
 and returns one row per group with mean ± std and n of our final and best test accuracy and the difference to the
@@ -98,8 +99,8 @@ def compare_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         meta = cfg.get("meta") or {}
         final = Stat.of([m[2].get("final_test_acc") for m in members])
         best = Stat.of([m[2].get("best_test_acc") for m in members])
-        paper = meta.get("paper_top1")
-        paper = float(paper) if isinstance(paper, (int, float)) and not isinstance(paper, bool) else None
+        paper, paper5 = _number(meta.get("paper_top1")), _number(meta.get("paper_top5"))
+        best5 = Stat.of([m[2].get("best_test_top5") for m in members])
         teacher = cfg.get("teacher") or {}
         out.append({
             "run": _label([m[0] for m in members], cfg, base),
@@ -111,15 +112,22 @@ def compare_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             "epochs": members[0][2].get("epochs"),
             "final": final,
             "best": best,
+            "best_top5": best5,
             "paper_top1": paper,
             "delta_best": None if paper is None or best is None else best.mean - paper,
+            "paper_top5": paper5,
+            "delta_best_top5": None if paper5 is None or best5 is None else best5.mean - paper5,
             "paper": meta.get("paper"),
         })  # fmt: skip
     return out
 
 
 HEADER = ["run", "model", "teacher", "method", "n", "epochs", "ours test %", "ours best %", "paper %", "Δ best − paper",
-          "paper source"]  # fmt: skip
+          "ours best top-5 %", "paper top-5 %", "paper source"]  # fmt: skip
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def comparison_records(rows: Sequence[dict[str, Any]], only_paper: bool = False) -> list[dict[str, str]]:
@@ -133,6 +141,8 @@ def comparison_records(rows: Sequence[dict[str, Any]], only_paper: bool = False)
             r["final"].text() if r["final"] else "–", r["best"].text() if r["best"] else "–",
             "–" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}",
             "–" if r["delta_best"] is None else f"{r['delta_best']:+.2f}",
+            r["best_top5"].text() if r["best_top5"] else "–",
+            "–" if r["paper_top5"] is None else f"{r['paper_top5']:.2f}",
             r["paper"] or "",
         ]  # fmt: skip
         out.append(dict(zip(HEADER, values)))
@@ -147,13 +157,15 @@ def comparison_markdown(rows: Sequence[dict[str, Any]], only_paper: bool = False
 def comparison_csv(rows: Sequence[dict[str, Any]]) -> str:
     flat = []
     for r in rows:
-        f = {k: v for k, v in r.items() if k not in ("final", "best", "seeds")}
+        f = {k: v for k, v in r.items() if k not in ("final", "best", "best_top5", "seeds")}
         f["seeds"] = " ".join(map(str, r["seeds"]))
-        for k in ("final", "best"):
+        for k in ("final", "best", "best_top5"):
             s: Stat | None = r[k]
             f[f"{k}_mean"] = "" if s is None else round(s.mean, 4)
             f[f"{k}_std"] = "" if s is None or math.isnan(s.std) else round(s.std, 4)
         f["paper_top1"] = "" if r["paper_top1"] is None else r["paper_top1"]
         f["delta_best"] = "" if r["delta_best"] is None else round(r["delta_best"], 4)
+        f["paper_top5"] = "" if r["paper_top5"] is None else r["paper_top5"]
+        f["delta_best_top5"] = "" if r["delta_best_top5"] is None else round(r["delta_best_top5"], 4)
         flat.append(f)
     return to_csv(flat)

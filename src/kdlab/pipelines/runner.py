@@ -25,9 +25,10 @@ from typing import Any
 
 from kdlab.config import RunConfig, read_yaml, validate
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.engine.rundir import is_run_dir
+from kdlab.engine.rundir import entries, is_run_dir
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.pipelines.plan import CACHE_DIR, Task, same_plan_cache
+from kdlab.trust import child_env
 
 TRAIN_EVAL = "train_eval.json"
 #: keys that may differ between a run's saved config.yaml and the plan (they do not change results)
@@ -45,7 +46,7 @@ def task_status(task: Task) -> str:
     d = task.out
     if d.exists() and not d.is_dir():
         raise KdlabError(f"{d} exists and is not a folder")
-    if not d.exists() or not any(d.iterdir()):
+    if not d.exists() or not entries(d):  # a lock file alone (a start that failed) is nothing
         return "new"
     if not is_run_dir(d):
         raise KdlabError(f"{d} is not empty and is not a kdlab run; move it away")
@@ -62,7 +63,7 @@ def task_status(task: Task) -> str:
         old_cache = (saved.get("teacher") or {}).get("cache")
         if task.cfg.teacher is not None and old_cache != task.cfg.teacher.cache and same_plan_cache(old_cache, task.cfg.teacher.cache):
             task.cfg.teacher.cache = old_cache  # the run keeps the cache file it was made with (same teacher, views)
-        diff = _first_difference(saved, task.cfg.to_dict(), ignore)
+        diff = first_difference(saved, task.cfg.to_dict(), ignore)
         if diff:
             raise ConfigError(
                 f"{d} holds a run made with a different '{diff}' than this plan asks for; "
@@ -82,6 +83,7 @@ def ensure_teacher_cache(task: Task, root: Path, log: Log = lambda m: None) -> N
     import torch
 
     from kdlab.data import build_dataset
+    from kdlab.engine.fastpath import FastPath
     from kdlab.engine.teacher_cache import TeacherCache, build_cache
     from kdlab.engine.teachers import load_teacher, teacher_fingerprint
     from kdlab.engine.trainer import select_device
@@ -104,6 +106,7 @@ def ensure_teacher_cache(task: Task, root: Path, log: Log = lambda m: None) -> N
         teacher, data, views, path, augment_seed=cfg.data.augment_seed or 0,
         fields=METHODS.get(cfg.method.name).teacher_outputs, dtype=torch.float32, batch_size=cfg.train.eval_batch_size,
         meta={"teacher": cfg.teacher.name, "teacher_sha256": sha, "data": cfg.data.model_dump(mode="json")},
+        fast=FastPath(cfg.train, device, data.example_batch(2)),  # the students' autocast / memory format
     )  # fmt: skip
     log(f"    teacher cache {path.relative_to(root)}: {views} view(s) ({time.perf_counter() - t0:.1f} s)")
 
@@ -115,7 +118,7 @@ def run_task(cfg: RunConfig, out: Path, resume: bool, log: Log | None = None) ->
     trainer = Trainer(cfg, out, resume=resume, log=log)
     summary = trainer.run().summary
     ev = trainer.evaluate("train")
-    record = {"train_eval_acc": ev["acc"], "train_eval_loss": ev["loss"], "split": "train", "n": len(trainer.data.train)}
+    record = {"train_eval_acc": ev["acc"], "train_eval_loss": ev["loss"], "split": "train", "n": trainer.data.num_train}
     atomic_write_text(Path(out) / TRAIN_EVAL, json.dumps(record, indent=1))
     return {**summary, **record}
 
@@ -168,7 +171,8 @@ def _line(i: int, n: int, task: Task, root: Path, outcome: Outcome) -> str:
     head = f"[{i:>{w}}/{n}] {outcome.status:<7} {task.rel(root)}"
     r = outcome.result
     if r is not None:
-        return (f"{head}  test {r['final_test_acc']:.2f}%  best {r['best_test_acc']:.2f}%  "
+        top5 = f" (top-5 {r['best_test_top5']:.2f}%)" if r.get("best_test_top5") is not None else ""
+        return (f"{head}  test {r['final_test_acc']:.2f}%  best {r['best_test_acc']:.2f}%{top5}  "
                 f"train {r.get('train_eval_acc', float('nan')):.2f}%  ({outcome.seconds:.1f} s)")  # fmt: skip
     return f"{head}  {outcome.error or ''}".rstrip()
 
@@ -259,7 +263,7 @@ def _execute_parallel(todo, status, outcomes, root, jobs, threads, log, counter,
                     cfg.train.threads = threads
                 job = {"config": cfg.to_dict(), "out": str(t.out), "resume": status[t.key] == "resume"}
                 logf = open(_log_path(root, t), "a")
-                env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.train.threads))
+                env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.train.threads), **child_env())
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "kdlab.pipelines.worker"], stdin=subprocess.PIPE, stdout=logf,
                     stderr=subprocess.STDOUT, env=env, text=True,

@@ -1,8 +1,8 @@
 """Results tables of a plan: mean ± std and n over seeds per cell (CSV + markdown), heatmaps, line plots.
 
 * ``results.csv``: one row per (stage, cell) with the axis values, ``n`` (finished seeds) and for each metric its
-  mean and sample standard deviation (ddof = 1; empty for n = 1), plus the paper's number when the recipe's
-  ``meta.paper_top1`` gives one.
+  mean and sample standard deviation (ddof = 1; empty for n = 1), plus the paper's numbers when the recipe's
+  ``meta.paper_top1`` / ``meta.paper_top5`` give them.
 * ``results.md``: the same, one markdown table per stage, values as ``mean ± std``.
 * ``heatmap_<stage>.png`` for every stage whose cells vary along exactly two axes: training and test accuracy side
   by side (the layout of kl-vs-mse Fig. 3), each cell annotated with mean ± std.
@@ -11,7 +11,8 @@
 
 Metrics: ``final_test_acc`` (last epoch), ``best_test_acc`` (best epoch on the test set, what the CIFAR-100 KD
 literature usually reports), ``train_eval_acc`` (training split in eval mode, with the labels the run trained on),
-``teacher_test_acc``.
+``teacher_test_acc``; their top-5 counterparts ``final_test_top5``, ``best_test_top5`` (top-5 of the best top-1
+epoch), ``teacher_test_top5``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ METRICS = {
     "best_test_acc": "best test acc %",
     "train_eval_acc": "train acc %",
     "teacher_test_acc": "teacher test acc %",
+    "final_test_top5": "test top-5 %",
+    "best_test_top5": "best top-5 %",
+    "teacher_test_top5": "teacher top-5 %",
     "wall_time_s": "wall s",
 }
 
@@ -80,8 +84,15 @@ class CellResult:
 
     @property
     def paper(self) -> float | None:
-        v = self.meta.get("paper_top1")
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        return _paper_number(self.meta.get("paper_top1"))
+
+    @property
+    def paper5(self) -> float | None:
+        return _paper_number(self.meta.get("paper_top5"))
+
+
+def _paper_number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def collect(tasks: Sequence[Task], results: dict[Path, dict[str, Any]]) -> list[CellResult]:
@@ -127,6 +138,7 @@ def rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             row[f"{m}_mean"] = "" if s is None else round(s.mean, 4)
             row[f"{m}_std"] = "" if s is None or math.isnan(s.std) else round(s.std, 4)
         row["paper_top1"] = "" if c.paper is None else c.paper
+        row["paper_top5"] = "" if c.paper5 is None else c.paper5
         row["paper"] = c.meta.get("paper", "")
         out.append(row)
     return out
@@ -154,22 +166,27 @@ def stage_markdown(cells: Sequence[CellResult], all_axes: bool = False) -> str:
     names = [n for n, _ in cells[0].cell] if all_axes else varying_axes(cells)
     idx = {n: i for i, (n, _) in enumerate(cells[0].cell)}
     show_teacher = any(c.stat("teacher_test_acc") for c in cells)
+    show_top5 = any(c.stat("best_test_top5") for c in cells)
     show_paper = any(c.paper is not None for c in cells)
-    header = names + ["n", METRICS["final_test_acc"], METRICS["best_test_acc"], METRICS["train_eval_acc"]]
-    if show_teacher:
-        header.append(METRICS["teacher_test_acc"])
+    show_paper5 = any(c.paper5 is not None for c in cells)
+    metrics = ("final_test_acc", "best_test_acc", "train_eval_acc") + (("best_test_top5",) if show_top5 else ())
+    metrics += ("teacher_test_acc",) if show_teacher else ()
+    header = names + ["n"] + [METRICS[m] for m in metrics]
     if show_paper:
         header += ["paper", "Δ best − paper"]
+    if show_paper5:
+        header += ["paper top-5", "Δ best top-5 − paper"]
     body = []
     for c in cells:
         r = [c.cell[idx[n]][1] for n in names] + [f"{c.n}/{c.planned}" if c.n != c.planned else str(c.n)]
-        for m in ("final_test_acc", "best_test_acc", "train_eval_acc") + (("teacher_test_acc",) if show_teacher else ()):
+        for m in metrics:
             s = c.stat(m)
             r.append("–" if s is None else s.text())
-        if show_paper:
-            best = c.stat("best_test_acc")
-            r.append("–" if c.paper is None else f"{c.paper:.2f}")
-            r.append("–" if c.paper is None or best is None else f"{best.mean - c.paper:+.2f}")
+        for show, paper, metric in ((show_paper, c.paper, "best_test_acc"), (show_paper5, c.paper5, "best_test_top5")):
+            if show:
+                best = c.stat(metric)
+                r.append("–" if paper is None else f"{paper:.2f}")
+                r.append("–" if paper is None or best is None else f"{best.mean - paper:+.2f}")
         body.append(r)
     return markdown_table(header, body)
 
@@ -192,6 +209,8 @@ def _is_number(text: str) -> bool:
 def heatmap(cells: Sequence[CellResult], axes: tuple[str, str], path: Path, title: str) -> Path:
     """Training and test accuracy (mean ± std over seeds) on the grid of two axes (kl-vs-mse Fig. 3 layout)."""
     from matplotlib.figure import Figure
+
+    from kdlab.instruments.plots import wrap_title
 
     idx = {n: i for i, (n, _) in enumerate(cells[0].cell)}
     rlab = list(dict.fromkeys(c.cell[idx[axes[0]]][1] for c in cells))
@@ -222,7 +241,7 @@ def heatmap(cells: Sequence[CellResult], axes: tuple[str, str], path: Path, titl
                     ax.text(j, i, txt, ha="center", va="center", fontsize=6.5,
                             color="black" if grid[i, j] > mid else "white")  # fmt: skip
         fig.colorbar(im, ax=ax, shrink=0.85)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrap_title(title, fig, 9), fontsize=9)
     fig.savefig(path, dpi=120)
     return path
 
@@ -230,6 +249,8 @@ def heatmap(cells: Sequence[CellResult], axes: tuple[str, str], path: Path, titl
 def lines(cells: Sequence[CellResult], x_axis: str, other: str, path: Path, title: str) -> Path:
     """Test accuracy against a numeric axis, one line per value of the other axis (kl-vs-mse Fig. 6 layout)."""
     from matplotlib.figure import Figure
+
+    from kdlab.instruments.plots import wrap_title
 
     idx = {n: i for i, (n, _) in enumerate(cells[0].cell)}
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
@@ -246,7 +267,7 @@ def lines(cells: Sequence[CellResult], x_axis: str, other: str, path: Path, titl
             ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, label=f"{other}={lab}")
     ax.set_xlabel(x_axis)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_title(title, fig, 9), fontsize=9)  # long study titles would be cut at the figure's edges
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
     return path
@@ -262,7 +283,8 @@ def write_tables(root: Path, tasks: Sequence[Task], results: dict[Path, dict[str
     nseeds = sorted({c.planned for c in cells})
     parts.append(
         f"mean ± sample std over seeds; n = finished seeds per cell (planned: {', '.join(map(str, nseeds))}). "
-        "test acc: last epoch; best test acc: best epoch; train acc: training split in eval mode."
+        "test acc: last epoch; best test acc: best epoch (best top-5: that epoch's top-5); "
+        "train acc: training split in eval mode."
     )
     for stage, group in by_stage(cells).items():
         parts += ["", f"## {stage}", ""] if len(by_stage(cells)) > 1 else [""]

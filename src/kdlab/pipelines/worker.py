@@ -26,6 +26,9 @@ def _exit_with_parent(parent: int) -> None:
 
 def main() -> int:
     _exit_with_parent(os.getppid())
+    from kdlab.signals import SIGTERM_EXIT, Terminated, raise_on_sigterm
+
+    raise_on_sigterm()
     from kdlab.config import validate
     from kdlab.errors import KdlabError
     from kdlab.pipelines.runner import run_task
@@ -41,6 +44,9 @@ def main() -> int:
     except KdlabError as err:
         print(f"kdlab: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Terminated:
+        print("kdlab: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        return SIGTERM_EXIT
     except KeyboardInterrupt:
         print("kdlab: interrupted", file=sys.stderr, flush=True)
         return 130

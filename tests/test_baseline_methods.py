@@ -148,3 +148,28 @@ def test_crd_under_torchrun_keeps_one_global_memory(tmp_path):
         mem_t[idx] = torch.nn.functional.normalize(mem_t[idx] * 0.5 + e_t * 0.5, dim=1)
     assert torch.allclose(r0["memory_student"], mem_s, atol=1e-6)
     assert torch.allclose(r0["memory_teacher"], mem_t, atol=1e-6)
+
+
+def test_vid_has_one_term_per_intermediate_stage_pair_as_released():
+    """RepDistiller applies VID to feat[1:-1] (every stage output); ``layers=last`` keeps only the pre-pool maps."""
+    from kdlab.methods import build_method
+    from kdlab.models import build
+    from kdlab.models.base import ModelOutput
+
+    torch.manual_seed(0)
+    student, teacher = build("resnet8", num_classes=10), build("resnet20", num_classes=10).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    m = build_method("vid", {})
+    m.setup(student, teacher, x[:2])
+    assert m.teacher_outputs == ("stages",) and len(m.regressors) == len(m.log_scales) == 3
+    s_out, t_out = student.forward_features(x), teacher.forward_features(x)
+    full = m.losses(s_out, t_out, y, 1)["vid"]
+    from kdlab import losses as L
+
+    by_hand = sum(L.vid(reg(fs), ft.detach(), L.vid_variance(a, 1e-5))  # equal stage sizes: no pooling
+                  for fs, ft, reg, a in zip(s_out.stages, t_out.stages, m.regressors, m.log_scales))
+    assert torch.allclose(full, by_hand)
+    last = build_method("vid", {"layers": "last"})
+    last.setup(student, teacher, x[:2])
+    assert last.teacher_outputs == ("prepool",) and len(last.regressors) == 1
+    assert isinstance(t_out, ModelOutput)

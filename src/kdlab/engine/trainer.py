@@ -384,6 +384,7 @@ class Trainer:
         teacher_acc = teacher_top5 = best_top5 = None
         teacher_sha = teacher_fingerprint(cfg.teacher) if cfg.teacher is not None and self.teacher is not None else None
         state = load_resume_state(self.out, teacher_sha, self.log) if self.resume else None
+        self.dist.barrier()  # every rank has read and verified the folder before rank 0 rewrites config.yaml below
         if main and self.resume:  # verified first: a refused resume changes nothing
             extend_epochs(self.out, cfg.train.epochs, self.log)
         if state is not None:

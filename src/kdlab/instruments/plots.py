@@ -155,6 +155,7 @@ def plot_epoch_curves(
     for label, ys in left.items():
         handles += ax.plot(epochs, ys, color=next(colors), label=label)
     ax.set_xlabel("epoch")
+    _integer_epochs(ax)
     ax.set_ylabel(left_label)
     if right:
         ax2 = ax.twinx()
@@ -231,7 +232,7 @@ def instrument_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _integer_epochs(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, also for a 1-epoch run
 
 
 def epoch_series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -133,6 +133,7 @@ def cross_run_figures(summaries: Sequence[dict[str, Any]], tmp: Path) -> list[Pa
             r = (s["alignment"].get("pearson_mu_loss") or {}).get("r")
             ax.plot(s["alignment"]["epochs"], s["alignment"]["mu"], label=f"{s['label']}  r={_fmt(r, 3)}")
         ax.set_xlabel("epoch")
+        plots._integer_epochs(ax)
         ax.set_ylabel("μ = ‖W_t − W_s‖_F")
         ax.set_title(plots._wrap(f"classifier alignment μ per epoch (reusing-teacher-classifier Fig. 1)\n{title_runs}", fig), fontsize=9)
         ax.legend(fontsize=7)

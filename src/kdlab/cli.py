@@ -85,7 +85,7 @@ def _int_at_least(text: str, low: int, what: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_commands()
-    from kdlab.commands.keys import config_keys_help
+    from kdlab.config_keys import config_keys_help
 
     epilog = "config keys (set in the YAML file or as key.sub=value):\n" + config_keys_help()
     parser = _Parser(prog="kdlab", description="Knowledge distillation of classifiers.")

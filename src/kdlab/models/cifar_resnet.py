@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdlab.models.base import ModelOutput, ZooModel, run_stages
+from kdlab.models.init import init_kaiming_fan_out
 
 
 class BasicBlock(nn.Module):
@@ -59,12 +60,7 @@ class CifarResNet(ZooModel):
         self.layer3 = self._make_layer(widths[3], n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * BasicBlock.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_kaiming_fan_out(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

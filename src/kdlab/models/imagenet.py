@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kdlab.models.base import ModelOutput, ZooModel, run_stages
+from kdlab.models.init import init_kaiming_fan_out
 
 
 class BasicBlock(nn.Module):
@@ -97,12 +98,7 @@ class ImageNetResNet(ZooModel):
         self.layer4 = self._make_layer(block, 512, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming_fan_out(self)
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
                     stride: int) -> nn.Sequential:  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdlab.models.vgg import init_normal_fan_out
+from kdlab.models.init import init_normal_fan_out
 from kdlab.models.base import ModelOutput, ZooModel
 
 # expansion t, output channels c, repeats n, first stride s (the reference's ``interverted_residual_setting``)

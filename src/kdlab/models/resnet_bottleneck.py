@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdlab.models.base import ModelOutput, ZooModel, run_stages
+from kdlab.models.init import init_kaiming_fan_out
 
 
 class Bottleneck(nn.Module):
@@ -62,12 +63,7 @@ class BottleneckResNet(ZooModel):
         self.layer4 = self._make_layer(512, num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming_fan_out(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []

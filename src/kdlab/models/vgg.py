@@ -10,13 +10,12 @@ Stages: ``relu(block1..4)`` before pooling; pre-activations: the ``block1..4`` o
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from kdlab.models.base import ModelOutput, ZooModel
+from kdlab.models.init import init_normal_fan_out
 
 CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -33,23 +32,6 @@ def _stage(widths: list[int], in_channels: int) -> nn.Sequential:
         layers += [nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         in_channels = w
     return nn.Sequential(*layers[:-1])  # the stage ends with BN; its ReLU is applied in forward
-
-
-def init_normal_fan_out(model: nn.Module) -> None:
-    """The VGG / MobileNetV2 initialisation of the standard zoo: conv weights N(0, √(2 / (k·k·out))), zero conv bias,
-    BatchNorm 1 / 0, Linear N(0, 0.01) with zero bias."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 class VGG(ZooModel):

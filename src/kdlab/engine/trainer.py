@@ -156,7 +156,8 @@ class Trainer:
         check_model_fits_data(self.student, example, self.data, f"model '{cfg.model.name}'")
         if self.teacher is not None and cfg.teacher is not None:
             check_model_fits_data(self.teacher, example, self.data, f"teacher '{cfg.teacher.name}'")
-        self.method.bind_data(self.data.num_train, self.data.labels("train"))
+        labels = self.data.labels("train") if self.method.needs_train_labels else None
+        self.method.bind_data(self.data.num_train, labels)
         self.method.setup(self.student, self.teacher, example)
         self.method.to(self.device)
         self._setup_fast_path(example)

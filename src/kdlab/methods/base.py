@@ -37,6 +37,9 @@ class Method(nn.Module):
     #: buffers every rank keeps identical itself (e.g. CRD's memory, updated from all ranks' gathered batches):
     #: DistributedDataParallel must not broadcast them from rank 0 at every step
     ddp_local_buffers: ClassVar[tuple[str, ...]] = ()
+    #: True for methods whose :meth:`bind_data` reads the training labels (CRD's other-class negatives); the engine
+    #: only asks the data for them then (a user ``Dataset`` has to load every sample to know its labels)
+    needs_train_labels: ClassVar[bool] = False
 
     #: epochs of a preliminary phase run before the main ``train.epochs`` (FT's paraphraser, AB's initialisation),
     #: inside the same run and checkpointed like any epoch: ``losses`` is then called with ``epoch`` = 1 − pre_epochs
@@ -55,7 +58,8 @@ class Method(nn.Module):
         """Build parts whose shapes depend on the models (called once with an example batch)."""
 
     def bind_data(self, num_samples: int, labels: torch.Tensor | None) -> None:
-        """Size (and labels, when known) of the training set; called by the engine before :meth:`setup`."""
+        """Size (and, for methods with ``needs_train_labels``, labels) of the training set; called by the engine
+        before :meth:`setup`."""
 
     def losses(
         self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int, **views: object

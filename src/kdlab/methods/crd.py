@@ -78,6 +78,7 @@ class CRD(Method):
     Params = CRDParams
     teacher_outputs = ("pooled",)
     needs_index = True
+    needs_train_labels = True
     ddp_local_buffers = ("memory_student", "memory_teacher", "z", "_order", "_start", "_count", "_labels")
 
     def __init__(self, params: CRDParams) -> None:

@@ -98,13 +98,16 @@ def test_bf16_teacher_copy_matches_autocast_within_bf16_tolerance():
     teacher = build("resnet8", num_classes=10).eval().requires_grad_(False)
     x = torch.randn(16, 3, 32, 32)
     fast = FastPath(TrainConfig(amp="bf16"), torch.device("cpu"), x)
-    copy = fast.frozen_copy(teacher)
-    assert copy is not teacher and all(p.dtype == torch.bfloat16 for p in copy.parameters())
-    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # the original stays float32
-    with torch.inference_mode(), fast.autocast():
-        ref, got = teacher(x).float(), copy(x).float()
-    assert torch.allclose(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
-    assert FastPath(TrainConfig(amp="none"), torch.device("cpu"), x).frozen_copy(teacher) is teacher
+    for fold in (False, True):
+        forward, note = fast.frozen_forward(teacher, x[:2], fold_bn=fold)
+        assert "weights in bf16" in note
+        assert all(p.dtype == torch.bfloat16 for p in forward.parameters())  # type: ignore[attr-defined]
+        assert all(p.dtype == torch.float32 for p in teacher.parameters())  # the original stays float32
+        with torch.inference_mode(), fast.autocast():
+            ref, got = teacher(x).float(), forward(x).logits.float()
+        assert torch.allclose(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    fp32, note = FastPath(TrainConfig(amp="none"), torch.device("cpu"), x).frozen_forward(teacher, x, fold_bn=False)
+    assert fp32.model is teacher and note == "BatchNorm folding off"  # type: ignore[attr-defined]
 
 
 def _cifar_cfg(tmp_path, *extra):
@@ -123,7 +126,7 @@ def test_training_and_evaluation_use_the_fast_path(tmp_path, one_thread):
     evaluation; the teacher runs as a bf16 copy; drop_last gives only full batches."""
     tr = Trainer(_cifar_cfg(tmp_path, "train.amp=bf16", "train.channels_last=true", "train.drop_last=true"),
                  tmp_path / "r")  # fmt: skip
-    assert tr._teacher_fwd.__self__.conv1.weight.dtype == torch.bfloat16  # type: ignore[union-attr]
+    assert {p.dtype for p in tr._teacher_fwd.parameters()} == {torch.bfloat16}  # type: ignore[union-attr]
     seen: list[tuple[bool, bool, int, bool]] = []
     inner = tr.student.forward_features
 

@@ -195,6 +195,26 @@ def test_ab_and_ofd_match_the_released_conventions():
     assert torch.allclose(L.ofd_margin(w, b), torch.tensor(expect, dtype=D), rtol=1e-10)
 
 
+def test_ab_connectors_follow_repdistillers_geometry():
+    """RepDistiller's ConvReg: identity when channels and size agree, 3×3 stride 2 for a student map twice the
+    teacher's, a 4×4 stride-2 transposed conv for half, a (1 + s − t) kernel otherwise; always the teacher's shape."""
+    from kdlab.methods.stage import _ABConnector
+
+    cases = [((8, 16, 16), (8, 16, 16), nn.Identity, None), ((8, 16, 16), (16, 8, 8), nn.Conv2d, ((3, 3), (2, 2))),
+             ((8, 8, 8), (16, 16, 16), nn.ConvTranspose2d, ((4, 4), (2, 2))),
+             ((8, 10, 10), (16, 8, 8), nn.Conv2d, ((3, 3), (1, 1))), ((8, 8, 8), (16, 8, 8), nn.Conv2d, ((1, 1), (1, 1))),
+             ((8, 12), (16, 6), nn.Conv1d, ((3,), (2,)))]  # fmt: skip
+    for s_shape, t_shape, kind, geometry in cases:
+        s, t = torch.randn(2, *s_shape), torch.randn(2, *t_shape)
+        conn = _ABConnector(s, t)
+        layer = conn.layers if kind is nn.Identity else conn.layers[0]
+        assert type(layer) is kind
+        if geometry is not None:
+            assert (layer.kernel_size, layer.stride) == geometry and layer.bias is not None
+            assert isinstance(conn.layers[1], (nn.BatchNorm1d, nn.BatchNorm2d))
+        assert conn(s).shape == t.shape
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the model interface
 
@@ -409,9 +429,14 @@ def test_pre_phase_trains_only_the_methods_parts_then_starts_a_fresh_optimizer(t
     raw["data"]["num_samples"] = 60
     trainer = Trainer(load_config(None, [], base=raw), tmp_path / "r")
     init = {k: v.clone() for k, v in trainer.student.named_parameters()}
+    stats = {k: v.clone() for k, v in trainer.student.named_buffers() if "running" in k}
     trainer.run()
     pre, main = (ck.verify_checkpoint(p) for p in reversed(ck.list_checkpoints(tmp_path / "r" / "checkpoints")))
     assert (pre.meta["epoch"], main.meta["epoch"]) == (1, 2)
+    # RepDistiller's init: FT's student in eval mode (BatchNorm statistics stay), AB's backbone trains (they move)
+    kept = [torch.equal(pre.tensors[f"student.{k}"], v) for k, v in stats.items()]
+    assert all(kept) if method == "ft" else not any(kept)
+    assert not all(torch.equal(main.tensors[f"student.{k}"], v) for k, v in stats.items())
     moved = {k for k, v in init.items() if not torch.equal(pre.tensors[f"student.{k}"], v)}
     if method == "ft":  # the student waits; the paraphraser learnt to reconstruct
         assert not moved

@@ -208,6 +208,8 @@ def test_skip_bad_images_skips_and_counts(tmp_path, capsys, one_thread):
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "skipped" in line]
     assert len(warnings) == 1 and "001.jpg" in warnings[0]  # once per file, not once per epoch
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["skipped_images"] == {"train": 1, "test": 0}
 
 
 def test_teacher_with_another_class_count_is_refused(tmp_path, capsys, one_thread):

@@ -313,7 +313,7 @@ def _timed(mode: _Mode, epoch: int, device: torch.device) -> None:
 
 def run_bench(
     teacher: str | None = None, student: str | None = None, device: str = "auto", images: int | None = None,
-    batch_size: int = 64, compile: bool = False, workers: int = 2, rounds: int = 3, bf16: bool = True,
+    batch_size: int = 64, compile: bool = False, workers: int = 2, rounds: int = 5, bf16: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:  # fmt: skip
     """Measure every mode (warm-up epoch, then ``rounds`` interleaved timed epochs); returns rows and ratios."""
@@ -345,7 +345,8 @@ def run_bench(
         ref = ReferenceLoop(ref_t, ref_s, imgs, labels, dev, batch_size, workers)
         live = _trainer(student, teacher, images, batch_size, device, tmp, extra)
         cache_path = tmp / "cache.safetensors"
-        build_cache(live.teacher, live.data, views=2, out=cache_path, augment_seed=live.augment_seed,  # type: ignore[arg-type]
+        build_cache(live.teacher, live.data, views=2, out=cache_path,  # type: ignore[arg-type]
+                    augment_seed=live.augment_seed, fast=live.fast,
                     meta={"teacher_sha256": sha256_file(tmp / "teacher.safetensors")})  # fmt: skip
         cached = _trainer(student, teacher, images, batch_size, device, tmp, extra + [f"teacher.cache={cache_path}"])
         alone = _trainer(student, None, images, batch_size, device, tmp, extra)

@@ -166,6 +166,9 @@ class TeacherConfig(ModelConfig):
         default_factory=list, description="more teachers [{name, checkpoint}]: logits averaged with the main one"
     )
     cache: str | None = Field(None, description="teacher-output cache from `kdlab cache-teacher` (replayed, no teacher forward)")
+    fold_bn: bool = Field(True, description="run the frozen teacher with each BatchNorm folded into the convolution "
+                          "feeding it when nothing else reads that convolution's output (same outputs to float rounding, "
+                          "one pass less over each map); false: the teacher runs as stored")
 
     @field_validator("checkpoint", "cache")
     @classmethod

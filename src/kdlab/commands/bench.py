@@ -18,7 +18,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile kdlab's student step and teacher")
     p.add_argument("--workers", type=nonnegative_int, default=2,
                    help="DataLoader workers of the reference loop (default: 2, mdistiller's)")
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timed epochs per mode (default: 3)")
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="interleaved timed epochs per mode, the best kept (default: 5)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast row")
     p.add_argument("--json", help="also write the measurements to this JSON file")
 

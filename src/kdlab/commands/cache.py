@@ -63,7 +63,7 @@ def cache_teacher(args: argparse.Namespace) -> int:
         teacher, data, args.views, out, augment_seed=seed, fields=fields,
         dtype=getattr(torch, args.dtype), batch_size=args.batch_size, meta=meta,
         progress=lambda v, n: print(f"view {v}/{n} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr),
-        store=args.store, fast=fast, **sizes,
+        store=args.store, fast=fast, fold_bn=cfg.teacher.fold_bn, **sizes,
     )  # fmt: skip
     size = out.stat().st_size / 2**20
     from kdlab.engine.teacher_cache import TeacherCache

@@ -57,25 +57,31 @@ class ImageAugment:
         return self._cache[key]
 
     def crop_flip(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Apply per-sample crop offsets and flips to a uint8 batch; returns a channels-last uint8 batch."""
-        b, _, h, w = x.shape
+        """Apply per-sample crop offsets and flips to a uint8 batch; returns a channels-last uint8 batch.
+
+        One row gather: the zero-padded batch as (N·(H+2p)·(W+2p))×C pixels, and the flat source pixel of every
+        output pixel (sample offset + row · padded width + column, the column mirrored for flipped samples)."""
+        b, c, h, w = x.shape
         p = self.pad
-        xp = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # N×(H+2p)×(W+2p)×C, zero padded
-        ar_h = torch.arange(h, device=x.device)
-        ar_w = torch.arange(w, device=x.device)
-        rows = params.dy[:, None] + ar_h[None, :]  # B×H
+        hp, wp = h + 2 * p, w + 2 * p
+        pixels = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1).reshape(b * hp * wp, c)
+        dev = x.device
+        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        rows = (params.dy[:, None] + ar_h[None, :]) * wp + (torch.arange(b, device=dev) * (hp * wp))[:, None]  # B×H
         cols = torch.where(params.flip[:, None], w - 1 - ar_w[None, :], ar_w[None, :]) + params.dx[:, None]  # B×W
-        out = xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]  # B×H×W×C
-        return out.permute(0, 3, 1, 2)
+        src = (rows[:, :, None] + cols[:, None, :]).reshape(-1)
+        return pixels.index_select(0, src).view(b, h, w, c).permute(0, 3, 1, 2)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 → float, scaled to [0, 1] and standardised per channel."""
+        """uint8 → float, scaled to [0, 1] and standardised per channel: ``x · 1/(255·std) − mean/std`` in place on
+        the float copy (memory format kept)."""
         key = ("norm", str(x.device))
         if key not in self._consts:  # built once per device, not copied to the device every batch
-            self._consts[key] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
-                                 torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))  # fmt: skip
-        mean, std = self._consts[key]
-        return (x.float().div_(255.0) - mean) / std
+            mean = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
+            self._consts[key] = ((1 / (255 * std)).float().to(x.device), (-mean / std).float().to(x.device))
+        scale, shift = self._consts[key]
+        return x.to(torch.float32, copy=True).mul_(scale).add_(shift)  # a copy even if x is float already
 
     def train_batch(self, x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         if self.enabled:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
+from kdlab.models.fold import FeaturesForward, fold_batchnorm
+from kdlab.models.output import ModelOutput
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,12 +70,26 @@ class FastPath:
         """An input batch in the run's memory format (a no-op when it already is, as augmented batches are)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def frozen_copy(self, module: nn.Module) -> nn.Module:
-        """A frozen module to run under the run's autocast: with bf16/fp16 a copy whose weights are stored in that
-        dtype (autocast would otherwise re-cast the float32 weights on every forward), else ``module`` itself."""
-        if self.amp_dtype is None:
-            return module
-        return copy.deepcopy(module).to(self.amp_dtype).eval().requires_grad_(False)
+    def frozen_forward(
+        self, module: nn.Module, example: torch.Tensor, fold_bn: bool = True
+    ) -> tuple[Callable[[torch.Tensor], ModelOutput], str]:
+        """The run's forward of a frozen module (the teacher): ``module.forward_features`` computed by a copy with
+        every BatchNorm folded into the convolution feeding it (``fold_bn``, where the model can be traced), with
+        weights stored in the autocast dtype under bf16/fp16 (autocast would otherwise re-cast the float32 weights on
+        every forward), in the run's memory format, compiled when on. ``module``'s weights are never changed; without
+        folding and in float32 they are the ones used. Returns the forward and a one-line description."""
+        forward: nn.Module = FeaturesForward(module)
+        note = "BatchNorm folding off"
+        if fold_bn:
+            forward, folded, why = fold_batchnorm(module, example)
+            note = f"{folded} BatchNorm(s) folded into convolutions" if folded else f"no BatchNorm folded: {why}"
+        if self.amp_dtype is not None:
+            if isinstance(forward, FeaturesForward) and forward.model is module:
+                forward = FeaturesForward(copy.deepcopy(module))
+            forward = forward.to(self.amp_dtype).eval().requires_grad_(False)
+            note += f", weights in {self.amp}"
+        self.prepare(forward)
+        return self.maybe_compile(forward), note
 
     def maybe_compile(self, fn: Callable) -> Callable:
         """``torch.compile`` with static shapes (one graph per distinct batch shape: at most two per run with a

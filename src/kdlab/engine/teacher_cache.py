@@ -47,6 +47,7 @@ from kdlab.data.base import DataSource
 from kdlab.engine.atomic import chmod_like_open, fsync_dir
 from kdlab.errors import CheckpointError, ConfigError, DataError, WriteError, require_file
 from kdlab.models import ModelOutput
+from kdlab.models.fold import FeaturesForward, fold_batchnorm
 
 if TYPE_CHECKING:
     from kdlab.engine.fastpath import FastPath
@@ -196,11 +197,13 @@ def build_cache(
     topk: int = DEFAULT_TOPK,
     tail_bits: int = DEFAULT_TAIL_BITS,
     fast: FastPath | None = None,
+    fold_bn: bool = True,
 ) -> Path:
     """Run ``teacher`` over ``views`` augmented passes of the training split and write the cache atomically.
 
     ``fast`` (a :class:`kdlab.engine.fastpath.FastPath`) runs the teacher with the training run's autocast and
-    memory format, so the cached outputs are those the live run would compute.
+    memory format, so the cached outputs are those the live run would compute; ``fold_bn`` (``teacher.fold_bn``)
+    folds the teacher's BatchNorms into its convolutions as the live run does.
     """
     if views < 1:
         raise ConfigError("--views must be at least 1")
@@ -210,10 +213,11 @@ def build_cache(
     check_store(store, topk, tail_bits)
     store = resolve_store(store, data.num_classes)
     teacher.eval()
-    forward: Callable[[torch.Tensor], ModelOutput] = teacher.forward_features  # type: ignore[assignment]
-    if fast is not None:
-        fast.prepare(teacher)  # outside inference mode: the teacher's parameters stay ordinary tensors
-        forward = fast.maybe_compile(forward)
+    forward: Callable[[torch.Tensor], ModelOutput]
+    if fast is not None:  # outside inference mode: the teacher's parameters stay ordinary tensors
+        forward = fast.frozen_forward(teacher, data.example_batch(2), fold_bn)[0]
+    else:
+        forward = fold_batchnorm(teacher, data.example_batch(2))[0] if fold_bn else FeaturesForward(teacher)
     autocast = fast.autocast if fast is not None else contextlib.nullcontext
     n = data.num_train
     order = torch.arange(n)

@@ -233,8 +233,10 @@ class Trainer:
                               f"train.batch_size={self.cfg.train.batch_size}: every batch would be dropped")  # fmt: skip
         self.meter = StepMeter(self.device)
         self._teacher_fwd = None
-        if self.teacher is not None:  # under bf16/fp16 autocast: a copy of the frozen teacher in that dtype
-            self._teacher_fwd = self.fast.maybe_compile(self.fast.frozen_copy(self.teacher).forward_features)
+        if self.teacher is not None:  # BatchNorm folded; under bf16/fp16 weights in that dtype
+            assert self.cfg.teacher is not None
+            self._teacher_fwd, note = self.fast.frozen_forward(self.teacher, example, self.cfg.teacher.fold_bn)
+            self.log(f"teacher forward: {note}")
         student_fwd = self.fast.maybe_compile(self.student.forward_features)
         self.objective: nn.Module = Objective(self.student, self.method, student_fwd)
         if self.dist.enabled:
@@ -310,6 +312,8 @@ class Trainer:
         # dropout etc.: a function of (seed, epoch, rank) too
         torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, *([self.dist.rank] if self.dist.enabled else [])))
         self.objective.train()
+        if epoch <= 0 and not self.method.pre_trains_student:  # a pre-phase that initialises only the method's parts
+            self.student.eval()  # (FT's paraphraser): the student's BatchNorm statistics stay, as in RepDistiller
         dev = self.device
         meter = self.meter
         meter.reset()
@@ -472,6 +476,9 @@ class Trainer:
         }
         if trusted:
             summary["trusted_code"] = trusted
+        skipped = self._skipped_images()
+        if skipped is not None:
+            summary["skipped_images"] = skipped
         if self.data.noisy_indices is not None:
             summary["label_noise"] = {"fraction": cfg.data.label_noise, "seed": cfg.data.label_noise_seed,
                                       "flipped": len(self.data.noisy_indices)}  # fmt: skip
@@ -480,6 +487,22 @@ class Trainer:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         self.dist.barrier()
         return RunResult(self.out, summary)
+
+    def _skipped_images(self) -> dict[str, int] | None:
+        """Unreadable samples a streamed dataset skipped (``data.skip_bad_images``) per split, counted once each over
+        every rank (a collective under torchrun); ``None`` for data that cannot skip. Counts what this process has
+        seen: after ``--resume``, from the resumed epochs on (every epoch reads every sample once)."""
+        seen = getattr(self.data, "skipped", None)
+        if seen is None:
+            return None
+        out = {}
+        for split in ("train", "test"):
+            mask = torch.zeros(self.data.split_size(split), device=self.device)
+            rows = [i for s, i in seen if s == split]
+            if rows:
+                mask[torch.tensor(rows, device=self.device)] = 1
+            out[split] = int((self.dist.all_reduce_sum(mask) > 0).sum().item())
+        return out
 
     def _teacher_accuracy(self) -> tuple[float, float]:
         """The teacher's top-1 and top-5 test accuracy (%)."""

@@ -45,6 +45,10 @@ class Method(nn.Module):
     #: inside the same run and checkpointed like any epoch: ``losses`` is then called with ``epoch`` = 1 − pre_epochs
     #: … 0 and the learning rate is :meth:`pre_lr` (phases are a function of the epoch)
     pre_epochs: int = 0
+    #: whether the pre-phase trains the student's backbone (AB): it then runs in train mode; otherwise (FT) the student
+    #: is in eval mode during the pre-phase, its BatchNorm statistics fixed (RepDistiller's ``init``: ``model_s.eval()``
+    #: then ``train()`` on the modules being initialised)
+    pre_trains_student: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams) -> None:
         super().__init__()

@@ -263,26 +263,48 @@ class FT(_StageMethod):
 
 
 class _Connect(nn.Module):
-    """Student pre-activation → teacher's: pool the larger map to the common size, then a conv (kernel ``k``) and
-    BatchNorm; ``identity`` when the shapes already agree."""
+    """OFD's student pre-activation → teacher's: pool the larger map to the common size (mdistiller assumes equal
+    sizes), then a conv (kernel ``k``, OFD's initialisation) and BatchNorm."""
 
-    def __init__(self, s: torch.Tensor, t: torch.Tensor, k: int = 1, bias: bool = False, identity_if_equal: bool = False,
-                 init: bool = False) -> None:  # fmt: skip
+    def __init__(self, s: torch.Tensor, t: torch.Tensor, k: int = 1) -> None:
         super().__init__()
-        size = common_spatial(s, t)
-        self._size = size
+        self._size = common_spatial(s, t)
         dims = s.dim() - 2
-        if identity_if_equal and s.shape[1:] == t.shape[1:]:
-            self.layers: nn.Module = nn.Identity()
-            return
-        conv = _CONV[dims](s.shape[1], t.shape[1], k, 1, (k - 1) // 2, bias=bias)
-        bn = _BN[dims](t.shape[1])
-        if init:  # OFD's initialisation: conv N(0, 2/(k^d·out)), BN 1 / 0
-            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k**dims * t.shape[1])))
-        self.layers = nn.Sequential(conv, bn)
+        conv = _CONV[dims](s.shape[1], t.shape[1], k, 1, (k - 1) // 2, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k**dims * t.shape[1])))  # N(0, 2/(k^d·out)); BN 1 / 0
+        self.layers = nn.Sequential(conv, _BN[dims](t.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(reduce_to(x, self._size))
+
+
+class _ABConnector(nn.Module):
+    """AB's student → teacher map on pre-activations, as RepDistiller's ``Connector`` / ``ConvReg`` (no ReLU): nothing
+    when channels and size already agree; else a conv and BatchNorm whose geometry follows the sizes — 3×3 stride 2
+    when the student's map is twice the teacher's, a 4×4 stride-2 transposed conv when it is half, a
+    ``(1 + s − t)``-sized kernel when it is larger by another amount (1×1 for equal sizes). A student map smaller than
+    the teacher's by another factor, which RepDistiller refuses, gets a 1×1 conv and the loss pools the teacher's map
+    to its size."""
+
+    def __init__(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        super().__init__()
+        dims, (cs, ct) = s.dim() - 2, (s.shape[1], t.shape[1])
+        s_size, t_size = tuple(s.shape[2:]), tuple(t.shape[2:])
+        if cs == ct and s_size[0] == t_size[0]:
+            self.layers: nn.Module = nn.Identity()
+            return
+        if all(a == 2 * b for a, b in zip(s_size, t_size)):
+            layer: nn.Module = _CONV[dims](cs, ct, 3, 2, 1)
+        elif all(2 * a == b for a, b in zip(s_size, t_size)):
+            layer = _CONV_T[dims](cs, ct, 4, 2, 1)
+        elif all(a >= b for a, b in zip(s_size, t_size)):
+            layer = _CONV[dims](cs, ct, tuple(1 + a - b for a, b in zip(s_size, t_size)))
+        else:
+            layer = _CONV[dims](cs, ct, 1)
+        self.layers = nn.Sequential(layer, _BN[dims](ct))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 class ABParams(_StageParams):
@@ -301,6 +323,7 @@ class AB(_StageMethod):
 
     Params = ABParams
     teacher_outputs = ("preacts",)
+    pre_trains_student = True  # RepDistiller's init trains the connectors and the student's feature modules
     field = "preacts"
     vectors = True
 
@@ -313,7 +336,7 @@ class AB(_StageMethod):
 
     def build(self, s_out: ModelOutput, t_out: ModelOutput, student: nn.Module, teacher: nn.Module) -> None:
         s, t = last_aligned(as_maps(s_out.preacts), as_maps(t_out.preacts))
-        self.connectors = nn.ModuleList(_Connect(a, b, bias=True, identity_if_equal=True) for a, b in zip(s, t))
+        self.connectors = nn.ModuleList(_ABConnector(a, b) for a, b in zip(s, t))
         self.connectors.to(s[0].device)
 
     def losses(self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int):
@@ -356,7 +379,7 @@ class OFD(_StageMethod):
         s, t = last_aligned(as_maps(s_out.preacts), as_maps(t_out.preacts))
         norms = norms[len(norms) - len(t) :]
         self.connectors = nn.ModuleList(
-            _Connect(a, b, self.params.kernel_size, init=True) for a, b in zip(s, t)
+            _Connect(a, b, self.params.kernel_size) for a, b in zip(s, t)
         ).to(s[0].device)  # fmt: skip
         for i, (bn, feat) in enumerate(zip(norms, t)):
             margin = L.ofd_margin(bn.weight.detach(), bn.bias.detach())

@@ -32,13 +32,16 @@ class BasicBlock(nn.Module):
     def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        pre = out + identity
+        pre = self.bn2(self.conv2(out))
+        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
         return F.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pre(x)[0]
+        """The output alone: the same values, with the sum and the ReLU in place (no pre-activation is kept)."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return out.relu_()
 
 
 class CifarResNet(ZooModel):

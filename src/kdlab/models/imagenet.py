@@ -45,11 +45,16 @@ class BasicBlock(nn.Module):
     def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, pre-activation)``: the residual sum before the final ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
-        pre = self.bn2(self.conv2(out)) + (x if self.downsample is None else self.downsample(x))
+        pre = self.bn2(self.conv2(out))
+        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
         return torch.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pre(x)[0]
+        """The output alone: the same values, with the sum and the ReLU in place."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return out.relu_()
 
 
 class Bottleneck(nn.Module):
@@ -72,11 +77,17 @@ class Bottleneck(nn.Module):
         """``(output, pre-activation)``: the residual sum before the final ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        pre = self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x))
+        pre = self.bn3(self.conv3(out))
+        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
         return torch.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pre(x)[0]
+        """The output alone: the same values, with the sum and the ReLU in place."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return out.relu_()
 
 
 class ImageNetResNet(ZooModel):

@@ -39,12 +39,17 @@ class Bottleneck(nn.Module):
         """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        pre = out + self.shortcut(x)
+        pre = self.bn3(self.conv3(out))
+        pre += self.shortcut(x)  # in place: nothing keeps the BatchNorm output
         return F.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pre(x)[0]
+        """The output alone: the same values, with the sum and the ReLU in place."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += self.shortcut(x)
+        return out.relu_()
 
 
 class BottleneckResNet(ZooModel):

@@ -107,6 +107,7 @@ def ensure_teacher_cache(task: Task, root: Path, log: Log = lambda m: None) -> N
         fields=METHODS.get(cfg.method.name).teacher_outputs, dtype=torch.float32, batch_size=cfg.train.eval_batch_size,
         meta={"teacher": cfg.teacher.name, "teacher_sha256": sha, "data": cfg.data.model_dump(mode="json")},
         fast=FastPath(cfg.train, device, data.example_batch(2)),  # the students' autocast / memory format
+        fold_bn=cfg.teacher.fold_bn,
     )  # fmt: skip
     log(f"    teacher cache {path.relative_to(root)}: {views} view(s) ({time.perf_counter() - t0:.1f} s)")
 

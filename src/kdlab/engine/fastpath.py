@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.models.fold import FeaturesForward, fold_batchnorm
+from kdlab.models.fold import FeaturesForward, frozen_features
 from kdlab.models.output import ModelOutput
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,15 +74,12 @@ class FastPath:
         self, module: nn.Module, example: torch.Tensor, fold_bn: bool = True
     ) -> tuple[Callable[[torch.Tensor], ModelOutput], str]:
         """The run's forward of a frozen module (the teacher): ``module.forward_features`` computed by a copy with
-        every BatchNorm folded into the convolution feeding it (``fold_bn``, where the model can be traced), with
-        weights stored in the autocast dtype under bf16/fp16 (autocast would otherwise re-cast the float32 weights on
-        every forward), in the run's memory format, compiled when on. ``module``'s weights are never changed; without
+        every BatchNorm folded into the convolution feeding it (``fold_bn``, where the recorded forward shows it is
+        safe: :func:`kdlab.models.fold.frozen_features`), with weights stored in the autocast dtype under bf16/fp16
+        (autocast would otherwise re-cast the float32 weights on every forward), in the run's memory format, compiled
+        when on. ``module``'s weights are never changed; without
         folding and in float32 they are the ones used. Returns the forward and a one-line description."""
-        forward: nn.Module = FeaturesForward(module)
-        note = "BatchNorm folding off"
-        if fold_bn:
-            forward, folded, why = fold_batchnorm(module, example)
-            note = f"{folded} BatchNorm(s) folded into convolutions" if folded else f"no BatchNorm folded: {why}"
+        forward, note = frozen_features(module, example, fold_bn)
         if self.amp_dtype is not None:
             if isinstance(forward, FeaturesForward) and forward.model is module:
                 forward = FeaturesForward(copy.deepcopy(module))

@@ -47,7 +47,7 @@ from kdlab.data.base import DataSource
 from kdlab.engine.atomic import chmod_like_open, fsync_dir
 from kdlab.errors import CheckpointError, ConfigError, DataError, WriteError, require_file
 from kdlab.models import ModelOutput
-from kdlab.models.fold import FeaturesForward, fold_batchnorm
+from kdlab.models.fold import frozen_features
 
 if TYPE_CHECKING:
     from kdlab.engine.fastpath import FastPath
@@ -214,10 +214,11 @@ def build_cache(
     store = resolve_store(store, data.num_classes)
     teacher.eval()
     forward: Callable[[torch.Tensor], ModelOutput]
+    example = data.example_batch(2)
     if fast is not None:  # outside inference mode: the teacher's parameters stay ordinary tensors
-        forward = fast.frozen_forward(teacher, data.example_batch(2), fold_bn)[0]
+        forward = fast.frozen_forward(teacher, example, fold_bn)[0]
     else:
-        forward = fold_batchnorm(teacher, data.example_batch(2))[0] if fold_bn else FeaturesForward(teacher)
+        forward = frozen_features(teacher, example, fold_bn)[0]
     autocast = fast.autocast if fast is not None else contextlib.nullcontext
     n = data.num_train
     order = torch.arange(n)

@@ -29,19 +29,21 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
+    def _residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the final ReLU, added in place (nothing keeps the BatchNorm output)."""
         out = self.relu(self.bn1(self.conv1(x)))
         pre = self.bn2(self.conv2(out))
-        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
+        pre += x if self.downsample is None else self.downsample(x)
+        return pre
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
+        pre = self._residual_sum(x)
         return F.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output alone: the same values, with the sum and the ReLU in place (no pre-activation is kept)."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return out.relu_()
+        """The output alone: the same values, the ReLU in place (no pre-activation is kept)."""
+        return self._residual_sum(x).relu_()
 
 
 class CifarResNet(ZooModel):

@@ -131,7 +131,6 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
             )
             parent._modules[key] = nn.Identity()
-    frozen.requires_grad_(False)
     folded = FeaturesForward(frozen)
     model.eval()
     try:
@@ -139,6 +138,15 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     finally:
         model.train(was_training)
     return (folded, len(pairs), "") if same else (plain, 0, why)
+
+
+def frozen_features(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) -> tuple[nn.Module, str]:
+    """The module that computes ``model.forward_features`` for a frozen forward, and a one-line description: the
+    folded copy of :func:`fold_batchnorm` when ``fold_bn`` and a pair folds, else ``model`` itself."""
+    if not fold_bn:
+        return FeaturesForward(model), "BatchNorm folding off"
+    forward, folded, why = fold_batchnorm(model, example)
+    return forward, f"{folded} BatchNorm(s) folded into convolutions" if folded else f"no BatchNorm folded: {why}"
 
 
 def _same_outputs(ref_fn: nn.Module, got_fn: nn.Module, example: torch.Tensor) -> tuple[bool, str]:
@@ -164,4 +172,4 @@ def _same_outputs(ref_fn: nn.Module, got_fn: nn.Module, example: torch.Tensor) -
     return True, ""
 
 
-__all__ = ["FeaturesForward", "fold_batchnorm", "foldable_pairs"]
+__all__ = ["FeaturesForward", "fold_batchnorm", "foldable_pairs", "frozen_features"]

@@ -42,19 +42,21 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, pre-activation)``: the residual sum before the final ReLU."""
+    def _residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the final ReLU, added in place (nothing keeps the BatchNorm output)."""
         out = self.relu(self.bn1(self.conv1(x)))
         pre = self.bn2(self.conv2(out))
-        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
+        pre += x if self.downsample is None else self.downsample(x)
+        return pre
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU."""
+        pre = self._residual_sum(x)
         return torch.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output alone: the same values, with the sum and the ReLU in place."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return out.relu_()
+        """The output alone: the same values, the ReLU in place."""
+        return self._residual_sum(x).relu_()
 
 
 class Bottleneck(nn.Module):
@@ -73,21 +75,22 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, pre-activation)``: the residual sum before the final ReLU."""
+    def _residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the final ReLU, added in place (nothing keeps the BatchNorm output)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         pre = self.bn3(self.conv3(out))
-        pre += x if self.downsample is None else self.downsample(x)  # in place: nothing keeps the BatchNorm output
+        pre += x if self.downsample is None else self.downsample(x)
+        return pre
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU."""
+        pre = self._residual_sum(x)
         return torch.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output alone: the same values, with the sum and the ReLU in place."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(x)
-        return out.relu_()
+        """The output alone: the same values, the ReLU in place."""
+        return self._residual_sum(x).relu_()
 
 
 class ImageNetResNet(ZooModel):

@@ -35,21 +35,22 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(self.expansion * planes),
             )
 
-    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
+    def _residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the final ReLU, added in place (nothing keeps the BatchNorm output)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         pre = self.bn3(self.conv3(out))
-        pre += self.shortcut(x)  # in place: nothing keeps the BatchNorm output
+        pre += self.shortcut(x)
+        return pre
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the residual sum before the final ReLU is the pre-activation."""
+        pre = self._residual_sum(x)
         return F.relu(pre), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output alone: the same values, with the sum and the ReLU in place."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += self.shortcut(x)
-        return out.relu_()
+        """The output alone: the same values, the ReLU in place."""
+        return self._residual_sum(x).relu_()
 
 
 class BottleneckResNet(ZooModel):

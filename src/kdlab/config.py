@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdlab.errors import ConfigError, did_you_mean, require_file
+from kdlab.errors import ConfigError, did_you_mean
+from kdlab.trust import distrust_folder, names_code, names_folder
 
 
 _VAR = re.compile(r"\$\{(\w+)(:-[^}]*)?\}|\$(\w+)")
@@ -52,13 +53,15 @@ class DataConfig(_Strict):
     name: str = Field(
         "mnist1d",
         description="dataset: mnist1d | cifar100 | cifar10 | synthetic | imagefolder | imagenet, or a user builder "
-        "package.module:function / path/to/file.py:function (needs --trust-code; resolved when the data is built)",
+        "package.module:function / path/to/file.py:function (needs --trust-code; kdlab.trust)",
+        json_schema_extra=names_code("builder"),
     )
     root: str | None = Field(
         None,
         description="CIFAR: folder with train.npz/test.npz, an official cifar-*-python folder or its .tar.gz; "
         "MNIST-1D: cache folder (default: $KDLAB_CACHE or ~/.cache/kdlab); imagefolder/imagenet: folder holding "
         "train/<class>/… and val/<class>/…",
+        json_schema_extra=names_folder("data folder"),
     )
     num_samples: int = Field(5000, gt=0, description="MNIST-1D / synthetic: total samples (train + test)")
     train_split: float = Field(0.8, gt=0, lt=1, description="MNIST-1D / synthetic: fraction used for training")
@@ -88,16 +91,37 @@ class DataConfig(_Strict):
     skip_bad_images: bool = Field(False, description="imagefolder: skip and count unreadable images, do not stop")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training samples")
     max_test_samples: int | None = Field(None, gt=0, description="use only the first N test samples")
+    val_split: float = Field(
+        0.0, ge=0, description="hold out part of the training set as the val split, evaluated every epoch: a "
+        "fraction (0 < v < 1) or a whole number of samples (v >= 1); 0 = none (kdlab.data.holdout)",
+    )  # fmt: skip
+    val_seed: int = Field(0, ge=0, description="seed choosing which training samples the val split holds "
+                          "(independent of the run seed: every seed and every tuning trial sees the same split)")
+    read_test: bool = Field(True, description="false: the test split is never read (kdlab tune's trials); each "
+                            "epoch is evaluated, and the best epoch chosen, on the val split (needs data.val_split)")
+
+    @field_validator("val_split")
+    @classmethod
+    def _val_split(cls, v: float) -> float:
+        if v >= 1 and not float(v).is_integer():
+            raise ValueError("must be a fraction below 1 or a whole number of samples")
+        return v
+
+    @model_validator(mode="after")
+    def _test_or_val(self) -> DataConfig:
+        if not self.read_test and not self.val_split:
+            raise ValueError(_QUALIFIED + "data.read_test=false needs a val split to evaluate on: set data.val_split (e.g. 0.1)")
+        return self
 
     @field_validator("name")
     @classmethod
     def _trusted(cls, v: str) -> str:
-        """A builder named by import path is checked for trust here; registry names are resolved by kdlab.data when
-        the data is built (config does not import data)."""
-        from kdlab.trust import import_object, is_import_path, require_trusted
+        """A builder named by import path is checked for trust here (:mod:`kdlab.trust`); registry names are
+        resolved by kdlab.data when the data is built (config does not import data)."""
+        from kdlab.trust import is_import_path, resolve_code
 
         if is_import_path(v):
-            require_trusted(v, import_object(v, what="data.name"), what="data.name")
+            resolve_code(v, what="data.name", kind="builder")
         return v
 
     @field_validator("root")
@@ -112,7 +136,8 @@ class ModelConfig(_Strict):
     name: str = Field(
         ...,
         description="architecture in kdlab.models (e.g. resnet8, mnist1d_mlp), or a user model "
-        "package.module:Class / path/to/file.py:Class",
+        "package.module:Class / path/to/file.py:Class (code trust: kdlab.trust)",
+        json_schema_extra=names_code("model"),
     )
     classifier: str | None = Field(None, description="user model: module path of the final nn.Linear (e.g. fc)")
     features: str | list[str] | None = Field(
@@ -121,6 +146,8 @@ class ModelConfig(_Strict):
     )  # fmt: skip
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments of the model")
 
+    code_key: ClassVar[str] = "model.name"  # the key named in messages about the code in ``name``
+
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
@@ -128,7 +155,7 @@ class ModelConfig(_Strict):
         from kdlab.models.taps import is_user_model, resolve_user_class
 
         if is_user_model(v):
-            resolve_user_class(v)  # importable, with a one-line error otherwise
+            resolve_user_class(v, what=cls.code_key)  # trusted and importable, with a one-line error otherwise
         else:
             MODELS.get(v)  # raises a one-line error with a suggestion
         return v
@@ -149,7 +176,9 @@ class TeacherMember(ModelConfig):
     """One extra member of an ensemble teacher."""
 
     checkpoint: str = Field(..., description="weights: a .safetensors file, a kdlab run directory or a PyTorch .pth "
-                            "state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)")
+                            "state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)",
+                            json_schema_extra=names_folder("teacher's folder"))  # fmt: skip
+    code_key: ClassVar[str] = "teacher.ensemble[].name"
 
     @field_validator("checkpoint")
     @classmethod
@@ -161,14 +190,17 @@ class TeacherConfig(ModelConfig):
     """The frozen teacher of a distillation run."""
 
     checkpoint: str = Field(..., description="teacher weights: a .safetensors file, a kdlab run directory or a PyTorch "
-                            ".pth state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)")
+                            ".pth state dict (read weights-only, e.g. torchvision's resnet34-b627a593.pth)",
+                            json_schema_extra=names_folder("teacher's folder"))  # fmt: skip
     ensemble: list[TeacherMember] = Field(
         default_factory=list, description="more teachers [{name, checkpoint}]: logits averaged with the main one"
     )
-    cache: str | None = Field(None, description="teacher-output cache from `kdlab cache-teacher` (replayed, no teacher forward)")
+    cache: str | None = Field(None, description="teacher-output cache from `kdlab cache-teacher` (replayed, no teacher forward)",
+                              json_schema_extra=names_folder("teacher cache's folder"))  # fmt: skip
     fold_bn: bool = Field(True, description="run the frozen teacher with each BatchNorm folded into the convolution "
                           "feeding it when nothing else reads that convolution's output (same outputs to float rounding, "
                           "one pass less over each map); false: the teacher runs as stored")
+    code_key: ClassVar[str] = "teacher.name"
 
     @field_validator("checkpoint", "cache")
     @classmethod
@@ -299,6 +331,70 @@ class LoggingConfig(_Strict):
     mlflow: MlflowConfig | None = Field(None, description="{tracking_uri, experiment}")
 
 
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_minutes(value: int | str) -> int:
+    """A Slurm time limit in whole minutes (rounded up): ``90``, ``"90"``, ``"MM:SS"``, ``"HH:MM:SS"``, ``"D-HH"``,
+    ``"D-HH:MM"``, ``"D-HH:MM:SS"`` (sbatch's formats)."""
+    if isinstance(value, bool):
+        raise ValueError(f"time must be minutes or a Slurm time such as 4:00:00 or 1-12:00:00, got {value!r}")
+    if isinstance(value, int):
+        parts: tuple[int, int, int, int] = (0, 0, value, 0)
+    else:
+        m = _SLURM_TIME.match(str(value).strip())
+        if not m:
+            raise ValueError(f"time must be minutes or a Slurm time such as 4:00:00 or 1-12:00:00, got '{value}'")
+        days, a, b, c = (None if g is None else int(g) for g in m.groups())
+        if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+            parts = (days, a or 0, b or 0, c or 0)
+        elif c is not None:  # HH:MM:SS
+            parts = (0, a or 0, b or 0, c)
+        elif b is not None:  # MM:SS
+            parts = (0, 0, a or 0, b)
+        else:  # minutes
+            parts = (0, 0, a or 0, 0)
+    d, h, mi, s = parts
+    seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    if seconds <= 0:
+        raise ValueError(f"time must be positive, got {value!r}")
+    return -(-seconds // 60)
+
+
+class LauncherConfig(_Strict):
+    """Where runs execute (``--launcher``, :mod:`kdlab.launch`): here / local worker processes, or Slurm jobs
+    (submitit). The run's results do not depend on it; a resume may change it."""
+
+    name: str = Field("local", min_length=1, description="local (this machine, --jobs workers) | slurm")
+    partition: str | None = Field(None, description="slurm: partition (default: the cluster's)")
+    time: int | str | None = Field(None, description="slurm: time limit per job (minutes, HH:MM:SS, D-HH:MM:SS)")
+    nodes: int = Field(1, ge=1, description="slurm: nodes per run (one process per GPU, or per task on CPU)")
+    gpus_per_node: int = Field(0, ge=0, description="slurm: GPUs per node")
+    tasks_per_node: int | None = Field(None, ge=1, description="slurm: processes per node (default: gpus_per_node or 1)")
+    cpus_per_task: int | None = Field(None, ge=1, description="slurm: CPU cores per process")
+    mem_gb: float | None = Field(None, gt=0, description="slurm: memory per node (GB)")
+    account: str | None = Field(None, description="slurm: account to charge")
+    qos: str | None = Field(None, description="slurm: quality of service")
+    constraint: str | None = Field(None, description="slurm: node features, e.g. a100")
+    array_parallelism: int = Field(256, ge=1, description="slurm: tasks of a job array running at once")
+    setup: list[str] = Field(default_factory=list, description="slurm: shell lines run first (module load, venv)")
+    additional: dict[str, Any] = Field(default_factory=dict, description="slurm: raw sbatch options {name: value}")
+    signal_delay_s: int = Field(120, ge=10, description="slurm: checkpoint-and-requeue signal this long before the limit")
+    max_timeouts: int = Field(20, ge=0, description="slurm: requeues after hitting the time limit, at most")
+    python: str | None = Field(None, description="slurm: python on the nodes (default: this interpreter)")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            slurm_minutes(v)
+        return v
+
+    @property
+    def time_minutes(self) -> int | None:
+        return None if self.time is None else slurm_minutes(self.time)
+
+
 class RunConfig(_Strict):
     """Everything a ``kdlab train`` or ``kdlab distill`` run needs."""
 
@@ -314,7 +410,17 @@ class RunConfig(_Strict):
         default_factory=list, description="per-epoch measurements recorded into metrics.jsonl (kdlab.engine.callbacks)"
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     meta: dict[str, Any] = Field(default_factory=dict, description="free-form notes (paper numbers, tags)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _code_trust(cls, raw: Any) -> Any:
+        """Every key naming code is decided before anything named is imported (:func:`kdlab.trust.vet_config`)."""
+        from kdlab.trust import vet_config
+
+        vet_config(raw, cls)
+        return raw
 
     @field_validator("instruments")
     @classmethod
@@ -466,7 +572,6 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _deep_merge(inherited, raw)
 
 
-MAX_YAML_BYTES = 16 * 2**20
 MAX_YAML_NODES = 100_000  # after alias expansion; recipes have a few hundred
 
 
@@ -508,13 +613,13 @@ def _load_yaml_text(text: str, path: Path) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with one-line errors for missing files, folders/FIFOs, malformed YAML and alias bombs."""
-    path = require_file(path, "config file", ConfigError)
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_YAML_BYTES // 2**20} MiB")
+    from kdlab.fileio import read_text
+
+    path = Path(path)
+    text = read_text(path, "config", "config file", ConfigError)  # a regular file within KDLAB_MAX_BYTES_CONFIG
+    distrust_folder(path, "config's folder")  # code beside a config never counts as installed (kdlab.trust)
     try:
-        raw = _load_yaml_text(path.read_bytes().decode("utf-8"), path)
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        raw = _load_yaml_text(text, path)
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as err:

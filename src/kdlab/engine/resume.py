@@ -14,7 +14,7 @@ ever finished (nothing to lose), which starts the run from epoch 1 and says so.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +22,14 @@ from typing import Any
 
 import yaml
 
-from kdlab.config import RunConfig, load_config, validate
+from kdlab.config import RunConfig, load_config, read_yaml, validate
 from kdlab.engine import checkpoint as ck
-from kdlab.engine.atomic import sha256_file
-from kdlab.errors import CheckpointError, ConfigError, KdlabError
+from kdlab.engine.rundir import read_metrics
+from kdlab.errors import CheckpointError, ConfigError, KdlabError, warn
+from kdlab.fileio import read_bytes, read_json
 
 # keys that may differ between the first start and a resume
-RESUME_MAY_CHANGE = frozenset({"train.progress", "train.threads", "train.device", "train.epochs"})
+RESUME_MAY_CHANGE = frozenset({"train.progress", "train.threads", "train.device", "train.epochs", "launcher"})
 
 
 def first_difference(a: Any, b: Any, ignore: set[str] | frozenset[str], prefix: str = "") -> str | None:
@@ -47,15 +48,51 @@ def first_difference(a: Any, b: Any, ignore: set[str] | frozenset[str], prefix: 
     return None if a == b else (prefix or "<top level>")
 
 
-def saved_epochs(out: Path) -> int:
-    """``train.epochs`` of the run's ``config.yaml``."""
-    return load_config(out / "config.yaml").train.epochs
+def _config_bytes(path: Path) -> bytes:
+    return read_bytes(path, "config", "config file", ConfigError)
+
+
+def _recorded_config(out: Path) -> tuple[Path, str] | None:
+    """The newest checkpoint's ``state.json`` that records a ``config_sha256``, and that checksum."""
+    for path in ck.list_checkpoints(out / "checkpoints"):
+        try:
+            meta = read_json(path / "state.json", "json", "checkpoint state", CheckpointError)
+        except KdlabError:
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config_sha256"), str):
+            return path, meta["config_sha256"]
+    return None
+
+
+def load_saved_config(out: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run's ``config.yaml`` (plus ``overrides``), checked first on its own: a file that no longer loads (empty,
+    truncated, damaged) is refused naming the file and — when a checkpoint recorded one — the checksum mismatch,
+    not the first validation error the damage causes."""
+    path = out / "config.yaml"
+    try:
+        load_config(path)
+    except ConfigError as err:
+        data = _config_bytes(path)  # a FIFO, a device or an oversized file: that is the message
+        state = "empty" if not data.strip() else f"damaged ({err})"
+        record = _recorded_config(out)
+        now = hashlib.sha256(data).hexdigest()
+        if record is None:
+            raise ConfigError(f"{path} is {state}, and no checkpoint records its checksum; restore it or start "
+                              "again with a recipe and --overwrite") from None  # fmt: skip
+        ckpt, want = record
+        if want == now:  # unchanged since the checkpoint: this kdlab no longer accepts it
+            raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(
+            f"{path} is {state}: its SHA-256 {now[:12]}… does not match the {want[:12]}… recorded by checkpoint "
+            f"{ckpt.name}; restore it (the original is under 'config' in {ckpt / 'state.json'})"
+        ) from None
+    return load_config(path, overrides) if overrides else load_config(path)
 
 
 def check_same_config(cfg: RunConfig, out: Path) -> None:
     """Refuse to resume ``out`` with a config that differs from the one it was started with, or with fewer epochs."""
     # through the current schema, so that keys added to kdlab since the run started take their defaults
-    saved = load_config(out / "config.yaml")
+    saved = load_saved_config(out)
     diff = first_difference(saved.to_dict(), cfg.to_dict(), RESUME_MAY_CHANGE)
     if diff:
         raise ConfigError(f"--resume with a different config: '{diff}' differs from {out / 'config.yaml'}")
@@ -72,7 +109,7 @@ def extend_epochs(out: Path, epochs: int, log: Callable[[str], None] = lambda m:
     from kdlab.engine.atomic import atomic_write_text
 
     path = out / "config.yaml"
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     before = (raw.get("train") or {}).get("epochs")
     if not isinstance(before, int) or epochs <= before:
         return
@@ -85,7 +122,7 @@ def extend_epochs(out: Path, epochs: int, log: Callable[[str], None] = lambda m:
 #: data settings that do not change the training inputs a teacher sees (a teacher cache may differ in them);
 #: ``augment_seed`` is checked on its own (a cache fixes it for the run)
 CACHE_MAY_DIFFER = frozenset({"root", "workers", "prefetch", "label_noise", "label_noise_seed", "augment_seed",
-                              "max_test_samples"})  # fmt: skip
+                              "max_test_samples", "read_test"})  # fmt: skip
 
 
 def check_cache_inputs(recorded: Any, data: Any, cache: Path | str) -> None:
@@ -110,8 +147,8 @@ def integrity_record(out: Path, teacher_sha256: str | None) -> dict[str, Any]:
     """What each checkpoint records so that the next resume can verify ``config.yaml`` and the teacher."""
     path = out / "config.yaml"
     return {
-        "config_sha256": sha256_file(path),
-        "config": yaml.safe_load(path.read_text()),
+        "config_sha256": hashlib.sha256(_config_bytes(path)).hexdigest(),
+        "config": read_yaml(path),
         "teacher_sha256": teacher_sha256,
     }
 
@@ -124,32 +161,22 @@ def _normalized(raw: Any) -> Any:
         return raw
 
 
-def _finished_epochs(out: Path) -> int:
-    rows = 0
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows += isinstance(json.loads(line), dict)
-            except ValueError:
-                pass
-    return rows
-
-
 def load_resume_state(
-    out: Path, teacher_sha256: str | None, log: Callable[[str], None] = lambda m: None
+    out: Path, teacher_sha256: str | None, log: Callable[[str], None] = lambda m: None,
+    warn: Callable[[str], None] = warn,
 ) -> ck.TrainState | None:
     """The verified checkpoint to continue ``out`` from; ``None`` when no epoch ever finished (a fresh start).
 
     Raises a one-line error when there is finished work but no usable checkpoint, when ``config.yaml`` was edited
-    since the checkpoint was written, or when the teacher's weights changed.
+    since the checkpoint was written, or when the teacher's weights changed. A damaged checkpoint skipped on the way
+    is a ``warn`` line (shown with ``--quiet`` too).
     """
     ckpt_dir = out / "checkpoints"
     state, problems = ck.find_latest(ckpt_dir)
     if state is None:
         # a row of metrics.jsonl is appended just before its epoch's checkpoint, so one row alone may be an epoch
         # killed before its checkpoint; a second row means a checkpoint had been written (and is now gone)
-        done = _finished_epochs(out)
+        done = len(read_metrics(out))
         done = done if done > 1 else 0
         finished = [n for n in ("summary.json", "model.safetensors") if (out / n).is_file()]
         if problems:
@@ -166,10 +193,10 @@ def load_resume_state(
         log(f"no epoch of {out} had finished; starting it from epoch 1")
         return None
     for note in problems:
-        log(f"skipping damaged checkpoint {note}")
+        warn(f"skipping damaged checkpoint {note}")
     m = state.meta
     cfg_path = out / "config.yaml"
-    if m.get("config_sha256") is not None and sha256_file(cfg_path) != m["config_sha256"]:
+    if m.get("config_sha256") is not None and hashlib.sha256(_config_bytes(cfg_path)).hexdigest() != m["config_sha256"]:
         diff = first_difference(_normalized(m.get("config")), load_config(cfg_path).to_dict(), RESUME_MAY_CHANGE)
         if diff is not None:
             raise ConfigError(

@@ -51,9 +51,13 @@ def write_yaml(path: Path, data: dict) -> Path:
 def cli():
     """Run ``kdlab`` in-process; returns (exit code, stdout, stderr)."""
     from kdlab.cli import main
+    from kdlab.trust import set_trust
 
     def run(*args: str, capsys=None):
-        return main([str(a) for a in args])
+        try:
+            return main([str(a) for a in args])
+        finally:
+            set_trust(None)  # --trust-code holds for that command only
 
     return run
 

@@ -198,7 +198,7 @@ def test_ab_and_ofd_match_the_released_conventions():
 def test_ab_connectors_follow_repdistillers_geometry():
     """RepDistiller's ConvReg: identity when channels and size agree, 3×3 stride 2 for a student map twice the
     teacher's, a 4×4 stride-2 transposed conv for half, a (1 + s − t) kernel otherwise; always the teacher's shape."""
-    from kdlab.methods.stage import _ABConnector
+    from kdlab.methods.ab import ABConnector
 
     cases = [((8, 16, 16), (8, 16, 16), nn.Identity, None), ((8, 16, 16), (16, 8, 8), nn.Conv2d, ((3, 3), (2, 2))),
              ((8, 8, 8), (16, 16, 16), nn.ConvTranspose2d, ((4, 4), (2, 2))),
@@ -206,7 +206,7 @@ def test_ab_connectors_follow_repdistillers_geometry():
              ((8, 12), (16, 6), nn.Conv1d, ((3,), (2,)))]  # fmt: skip
     for s_shape, t_shape, kind, geometry in cases:
         s, t = torch.randn(2, *s_shape), torch.randn(2, *t_shape)
-        conn = _ABConnector(s, t)
+        conn = ABConnector(s, t)
         layer = conn.layers if kind is nn.Identity else conn.layers[0]
         assert type(layer) is kind
         if geometry is not None:
@@ -328,9 +328,13 @@ def test_config_names_user_model_stages_as_a_list(tmp_path):
                    "        return self.fc(self.b(self.a(x)).mean((2, 3)))\n")  # fmt: skip
     raw = {"data": {"name": "synthetic", "num_samples": 40, "num_classes": 10},
            "model": {"name": f"{src}:Net", "classifier": "fc", "features": ["a", "b"]}}  # fmt: skip
-    cfg = load_config(None, [], base=raw)
+    from kdlab.trust import trusting
+
+    with trusting():  # a .py file named in a config: imported only with --trust-code
+        cfg = load_config(None, [], base=raw)
+        model = build(cfg.model, num_classes=10)
     assert cfg.model.features == ["a", "b"]
-    out = build(cfg.model, num_classes=10).forward_features(torch.randn(2, 3, 8, 8))
+    out = model.forward_features(torch.randn(2, 3, 8, 8))
     assert [tuple(t.shape) for t in out.stages] == [(2, 4, 6, 6), (2, 6, 4, 4)] and out.prepool is out.stages[-1]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -12,6 +13,7 @@ from kdlab.config import ModelConfig
 from kdlab.engine import checkpoint as ck
 from kdlab.errors import ConfigError
 from kdlab.models import TappedModel, build
+from kdlab.trust import trusting  # this file's classes live in the current directory: not installed code
 
 
 class ConvNet(nn.Module):
@@ -124,24 +126,25 @@ def test_user_model_from_a_file_through_the_config(tmp_path, monkeypatch):
                 return self.fc(self.conv(x.unsqueeze(1)).mean(2))
     """))
     monkeypatch.chdir(tmp_path)
-    cfg = ModelConfig(name="mynets.py:Net", classifier="fc", features="conv", kwargs={"width": 6})
-    model = build(cfg, num_classes=4)
-    out = model.forward_features(torch.randn(3, 40))
-    assert out.logits.shape == (3, 4) and out.prepool.shape == (3, 6, 40)
-    assert list(model.state_dict()) == ["conv.0.weight", "conv.0.bias", "fc.weight", "fc.bias"]
-    # importable module path too (the file's folder on sys.path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert isinstance(build(ModelConfig(name="mynets:Net", classifier="fc"), num_classes=3), TappedModel)
+    with trusting():  # a .py file, and a module in the current directory: imported only with --trust-code
+        cfg = ModelConfig(name="mynets.py:Net", classifier="fc", features="conv", kwargs={"width": 6})
+        model = build(cfg, num_classes=4)
+        out = model.forward_features(torch.randn(3, 40))
+        assert out.logits.shape == (3, 4) and out.prepool.shape == (3, 6, 40)
+        assert list(model.state_dict()) == ["conv.0.weight", "conv.0.bias", "fc.weight", "fc.bias"]
+        # importable module path too (the file's folder on sys.path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        assert isinstance(build(ModelConfig(name="mynets:Net", classifier="fc"), num_classes=3), TappedModel)
 
 
 def test_user_model_config_errors(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="classifier is required"):
         ModelConfig(name="torch.nn:Linear")
-    with pytest.raises(Exception, match="user model 'no_such_pkg.mod:Net': cannot import 'no_such_pkg.mod'"):
+    with pytest.raises(Exception, match="model.name 'no_such_pkg.mod:Net': cannot import 'no_such_pkg'"):
         ModelConfig(name="no_such_pkg.mod:Net", classifier="fc")
     with pytest.raises(Exception, match="classifier / features name the taps of user models"):
         ModelConfig(name="resnet8", classifier="fc")
-    with pytest.raises(ConfigError, match="has 10 outputs but the data has 3"):
+    with pytest.raises(ConfigError, match="has 10 outputs but the data has 3"), trusting():
         build("test_taps:MLP", num_classes=3, classifier="head")
 
 
@@ -151,13 +154,14 @@ def test_head_on_a_user_model_is_saved_and_reloaded():
 
     torch.manual_seed(0)
     teacher = build("mnist1d_cnn", num_classes=10).eval()
-    student = build("test_taps:MLP", num_classes=10, classifier="head")
+    with trusting():
+        student = build("test_taps:MLP", num_classes=10, classifier="head")
+        fresh = build("test_taps:MLP", num_classes=10, classifier="head")
     method = build_method("simkd", {"connector": "1x1"})
     method.setup(student, teacher, torch.randn(2, 40))
     state = student.state_dict()
     assert [k for k in state if not k.startswith("kd_head.")] == list(MLP().state_dict())
     assert "kd_head.classifier.weight" in state
-    fresh = build("test_taps:MLP", num_classes=10, classifier="head")
     ck.load_into(fresh, state, "MLP", "test")
     x = torch.randn(4, 40)
     student.eval(), fresh.eval()
@@ -196,7 +200,8 @@ def test_user_model_as_teacher_and_student_in_a_run(tmp_path, cli, _mnist1d_cach
         "method": {"name": "ijckd"},
     })  # fmt: skip
     out = tmp_path / "run"
-    assert cli("distill", cfg, *SMALL, "train.epochs=1", "--out", out, "--quiet") == 0
+    assert cli("distill", cfg, *SMALL, "train.epochs=1", "--out", out, "--quiet", "--trust-code") == 0
+    assert json.loads((out / "summary.json").read_text())["trusted_code"] == ["test_taps:MLP"]
     saved = ck.load_weights_file(out / "model.safetensors")
     assert {k for k in saved if not k.startswith("kd_head.")} == set(MLP(hidden=16).state_dict())
     assert torch.equal(saved["kd_head.classifier.weight"], ck.load_weights_file(weights)["head.weight"])

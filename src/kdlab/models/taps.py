@@ -36,7 +36,7 @@ from torch import nn
 
 from kdlab.errors import ConfigError, did_you_mean
 from kdlab.models.base import HEAD, HeadMixin, ModelOutput
-from kdlab.trust import import_object, require_trusted
+from kdlab.trust import resolve_code
 
 _WRAPPED = "model."
 
@@ -179,12 +179,11 @@ def is_user_model(name: str) -> bool:
     return ":" in name
 
 
-def resolve_user_class(name: str) -> type[nn.Module]:
-    """The ``nn.Module`` class named by ``module.path:Class`` or ``file.py:Class``; any other callable (a factory)
-    only with ``--trust-code`` (:mod:`kdlab.trust`). Nothing is called here; one-line :class:`ConfigError` otherwise."""
-    obj = import_object(name, what="user model")
-    require_trusted(name, obj, what="user model", allowed=nn.Module)
-    return obj  # type: ignore[return-value]
+def resolve_user_class(name: str, what: str = "model.name") -> type[nn.Module]:
+    """The ``nn.Module`` class named by ``module.path:Class`` (an installed module) or ``file.py:Class`` (only with
+    ``--trust-code``); any other callable (a factory) only with ``--trust-code`` (:mod:`kdlab.trust`, ``what`` names
+    the key). Nothing is called here; one-line :class:`ConfigError` otherwise."""
+    return resolve_code(name, what=what, kind="model")  # type: ignore[no-any-return]
 
 
 def build_user_model(

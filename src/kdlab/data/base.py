@@ -190,6 +190,8 @@ def build_dataset(cfg: DataConfig) -> DataSource:
     ``file.py:function`` (:mod:`kdlab.data.user`, trust-checked). Resident tensors stay on the CPU until
     :meth:`DataSource.to`.
 
+    With ``cfg.val_split`` > 0 part of the training set is held out as the ``val`` split
+    (:mod:`kdlab.data.holdout`); with ``cfg.read_test`` false the test split cannot be read.
     With ``cfg.label_noise`` > 0 the training labels are flipped by :func:`kdlab.data.noise.flip_labels`; the
     flipped indices are kept in ``dataset.noisy_indices`` and the clean labels in ``dataset.clean_train_y``.
     """
@@ -202,6 +204,10 @@ def build_dataset(cfg: DataConfig) -> DataSource:
     if cfg.max_train_samples is not None or cfg.max_test_samples is not None:
         ds = ds.take_first(cfg.max_train_samples, cfg.max_test_samples)
     transform = getattr(ds, "transform", None)
+    if cfg.val_split:  # before label noise: the val split keeps the given labels, the noise flips the rest
+        from kdlab.data.holdout import HeldOut
+
+        ds = HeldOut(ds, cfg.val_split, cfg.val_seed, read_test=cfg.read_test)
     if hasattr(transform, "strong"):  # the strong-view policy of two-view methods (kdlab.data.strong)
         transform.strong = cfg.strong_augment  # type: ignore[union-attr]
     if cfg.label_noise > 0:

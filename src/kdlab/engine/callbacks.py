@@ -32,6 +32,10 @@ class Callback:
     def on_epoch_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """Called on rank 0 with the epoch's complete row, just after it is appended to ``metrics.jsonl``."""
 
+    def on_checkpoint(self, trainer: Trainer, epoch: int) -> None:
+        """Called on every rank once the epoch's checkpoint is on disk; an exception raised here stops the run where
+        ``--resume`` continues it (kdlab tune's pruning, :mod:`kdlab.tune.worker`)."""
+
     def on_train_end(self, trainer: Trainer) -> None:
         """Called once after the last epoch of this process."""
 

@@ -31,8 +31,9 @@ def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
     terms = sorted(k[6:] for k in row if k.startswith("train_") and k not in ("train_loss", "train_acc"))
     detail = " (" + " ".join(f"{t} {row['train_' + t]:.4g}" for t in terms) + ")" if len(terms) > 1 else ""
     parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}{detail}", f"train {row['train_acc']:.2f}%"]
-    parts.append(f"test {row['test_acc']:.2f}%")
-    if row.get("test_top5") is not None:
-        parts[-1] += f" (top-5 {row['test_top5']:.2f}%)"
+    for split in ("test", "val"):  # whichever the run evaluates (data.read_test, data.val_split)
+        if f"{split}_acc" in row:
+            top5 = row.get(f"{split}_top5")
+            parts.append(f"{split} {row[f'{split}_acc']:.2f}%" + (f" (top-5 {top5:.2f}%)" if top5 is not None else ""))
     parts += [f"lr {row['lr']:.4g}", f"{row['images_per_s']:.0f} img/s"]
     return "  ".join(parts)

@@ -28,7 +28,7 @@ from kdlab.engine.distributed import DistInfo, init_distributed, shard, sync_bat
 from kdlab.engine.evaluation import evaluate_split
 from kdlab.engine.fastpath import FastPath
 from kdlab.engine.meter import StepMeter
-from kdlab.engine.optim import build_optimizer
+from kdlab.engine.optim import build_optimizer, set_epoch_hyperparameters
 from kdlab.engine.resume import (
     check_cache_inputs, check_same_config, extend_epochs, integrity_record, load_resume_state,
 )
@@ -38,12 +38,12 @@ from kdlab.engine.teacher_cache import TeacherCache
 from kdlab.engine.teachers import load_teacher, teacher_fingerprint
 from kdlab.engine.progress import epoch_line, show_running_losses
 from kdlab.engine.trackers import build_trackers
-from kdlab.errors import ConfigError, KdlabError
+from kdlab.errors import ConfigError, KdlabError, warn
 from kdlab.methods import Method, build_method
 from kdlab.models import ModelOutput, build, num_params
 from kdlab.models.output import STAGE_FIELDS, keep_fields
 from kdlab.seeding import derive_seed, seed_everything
-from kdlab.trust import trusted_among
+from kdlab.trust import code_names, trusted_among
 
 
 class NonFiniteLossError(KdlabError):
@@ -140,6 +140,7 @@ class Trainer:
         self.resume = resume
         log = log or (lambda msg: None)
         self.log = lambda msg: log(msg) if self.dist.is_main else None
+        self.warn = lambda msg: warn(msg) if self.dist.is_main else None  # shown with --quiet too
         self.dist: DistInfo = init_distributed(cfg.train.device)
         check_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume:
@@ -150,6 +151,8 @@ class Trainer:
             raise ConfigError(f"method '{cfg.method.name}' needs a teacher: set teacher.name and teacher.checkpoint")
         data = dataset if dataset is not None else build_dataset(cfg.data)
         self.data = data.to(self.device)
+        # evaluated after every epoch; the first one chooses the best epoch (test unless data.read_test=false)
+        self.eval_splits = [s for s, on in (("test", cfg.data.read_test), ("val", bool(cfg.data.val_split))) if on]
         self._build_models(teacher)
         self._setup_teacher_cache()
         example = self.data.example_batch(2)
@@ -307,8 +310,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
         lr = self.method.pre_lr(cfg.optim.lr) if epoch <= 0 else lr_at(epoch, cfg.optim.lr, cfg.train.epochs, cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_epoch_hyperparameters(self.optimizer, cfg.optim, lr, self.method.pre_optim if epoch <= 0 else None)
         # dropout etc.: a function of (seed, epoch, rank) too
         torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, *([self.dist.rank] if self.dist.enabled else [])))
         self.objective.train()
@@ -373,6 +375,11 @@ class Trainer:
             result = self._run()
             ok = True
             return result
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (kdlab.signals): keep all that was written for `--resume`
+            if lock is not None:
+                lock.release(failed=True)  # removes the folder only if it made it and wrote nothing into it yet
+                lock = None
+            raise
         finally:
             if lock is not None:
                 if not ok and not self.resume and not ck.list_checkpoints(self.out / "checkpoints"):
@@ -384,11 +391,15 @@ class Trainer:
         ckpt_dir = self.out / "checkpoints"
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not self.resume:  # first: from here on a signal leaves a folder that `--resume` starts at epoch 1
+                save_config(cfg, self.out / "config.yaml")
         metrics = MetricsLog(self.out)
         start, best_acc, best_epoch, wall, imgs, train_time = 0, -1.0, 0, 0.0, 0, 0.0
         teacher_acc = teacher_top5 = best_top5 = None
+        sel = self.eval_splits[0]  # the split choosing the best epoch (best.safetensors)
+        best_val: list = [-1.0, None, 0]  # best val epoch (acc, top-5, epoch) when the val split is not `sel`
         teacher_sha = teacher_fingerprint(cfg.teacher) if cfg.teacher is not None and self.teacher is not None else None
-        state = load_resume_state(self.out, teacher_sha, self.log) if self.resume else None
+        state = load_resume_state(self.out, teacher_sha, self.log, self.warn) if self.resume else None
         self.dist.barrier()  # every rank has read and verified the folder before rank 0 rewrites config.yaml below
         if main and self.resume:  # verified first: a refused resume changes nothing
             extend_epochs(self.out, cfg.train.epochs, self.log)
@@ -398,21 +409,21 @@ class Trainer:
             start, best_acc, best_epoch = m["epoch"], m["best_acc"], m["best_epoch"]
             wall, imgs, train_time, teacher_acc = m["wall_time_s"], m["train_images"], m["train_time_s"], m["teacher_acc"]
             best_top5, teacher_top5 = m.get("best_top5"), m.get("teacher_top5")
+            best_val = m.get("best_val", best_val)
             self.log(f"resuming {self.out} after epoch {start}")
         else:
             if main:
                 save_config(cfg, self.out / "config.yaml")
             if self.teacher is not None:
                 teacher_acc, teacher_top5 = self._teacher_accuracy()
-                self.log(f"teacher {cfg.teacher.name} test accuracy {teacher_acc:.2f}% "  # type: ignore[union-attr]
+                self.log(f"teacher {cfg.teacher.name} {sel} accuracy {teacher_acc:.2f}% "  # type: ignore[union-attr]
                          f"(top-5 {teacher_top5:.2f}%)")
         pre = self.method.pre_epochs  # a method's pre-phase runs first, as epochs 1 − pre … 0 (checkpoints count on)
         start -= pre
         if main:
             metrics.restore(start)
         integrity = integrity_record(self.out, teacher_sha) if main else {}
-        teachers = [cfg.teacher.name, *(m.name for m in cfg.teacher.ensemble)] if cfg.teacher is not None else []
-        trusted = trusted_among([cfg.model.name, cfg.data.name, *teachers])  # allowed by --trust-code (kdlab.trust)
+        trusted = trusted_among(code_names(cfg))  # every code key allowed only by --trust-code (kdlab.trust)
         if trusted:
             integrity["trusted_code"] = trusted
             self.log(f"calling code trusted with --trust-code: {', '.join(trusted)}")
@@ -425,8 +436,12 @@ class Trainer:
             if epoch == 0 and pre:
                 self.optimizer.state.clear()  # the main phase starts with a fresh optimizer state (RepDistiller)
             t_train = time.perf_counter() - t0
-            ev = self.evaluate("test")
-            row.update(test_acc=ev["acc"], test_top5=ev["top5"], test_loss=ev["loss"])
+            evs = {split: self.evaluate(split) for split in self.eval_splits}
+            for split, e in evs.items():
+                row.update({f"{split}_acc": e["acc"], f"{split}_top5": e["top5"], f"{split}_loss": e["loss"]})
+            ev = evs[sel]
+            if sel != "val" and "val" in evs and epoch > 0 and evs["val"]["acc"] > best_val[0]:
+                best_val = [evs["val"]["acc"], evs["val"]["top5"], epoch]
             for cb in self.callbacks:
                 row.update(cb.on_epoch_end(self, epoch))
             dt = time.perf_counter() - t0
@@ -446,27 +461,30 @@ class Trainer:
                 meta = dict(
                     best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
                     train_time_s=train_time, teacher_acc=teacher_acc, world_size=self.dist.world, **integrity,
-                    best_top5=best_top5, teacher_top5=teacher_top5,
+                    best_top5=best_top5, teacher_top5=teacher_top5, best_val=best_val,
                 )  # fmt: skip
                 ck.save_train_state(ckpt_dir, epoch + pre, self._state(epoch + pre, meta), keep=cfg.train.keep_checkpoints)
             self.dist.barrier()
+            for cb in self.callbacks:
+                cb.on_checkpoint(self, epoch)
             self.log(epoch_line(row, cfg.train.epochs))
         for cb in self.callbacks:
             cb.on_train_end(self)
-        final = self.evaluate("test")
+        finals = {split: self.evaluate(split) for split in self.eval_splits}
+        final = finals.get("test", {})
         summary = {
             "model": cfg.model.name,
             "method": cfg.method.name,
             "teacher": cfg.teacher.name if cfg.teacher else None,
-            "teacher_test_acc": teacher_acc,
-            "teacher_test_top5": teacher_top5,
+            "teacher_test_acc": teacher_acc if sel == "test" else None,
+            "teacher_test_top5": teacher_top5 if sel == "test" else None,
             "dataset": cfg.data.name,
             "seed": cfg.seed,
             "epochs": cfg.train.epochs,
-            "final_test_acc": final["acc"],
-            "final_test_top5": final["top5"],
-            "best_test_acc": best_acc,
-            "best_test_top5": best_top5,  # top-5 of the best-top-1 epoch (the best.safetensors weights)
+            "final_test_acc": final.get("acc"),
+            "final_test_top5": final.get("top5"),
+            "best_test_acc": best_acc if sel == "test" else None,
+            "best_test_top5": best_top5 if sel == "test" else None,  # of the best-top-1 epoch (best.safetensors)
             "best_epoch": best_epoch,
             "num_params": num_params(self.student),
             "wall_time_s": round(wall, 2),
@@ -474,6 +492,14 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world,
         }
+        if "val" in finals:  # which split each number used: test_* never saw tuning, val_* is held out of train
+            if sel == "val":
+                best_val = [best_acc, best_top5, best_epoch]
+                summary.update(teacher_val_acc=teacher_acc, teacher_val_top5=teacher_top5)
+            summary.update(final_val_acc=finals["val"]["acc"], final_val_top5=finals["val"]["top5"],
+                           best_val_acc=best_val[0], best_val_top5=best_val[1], best_val_epoch=best_val[2])
+            summary["selected_on"] = sel
+            summary["val_split"] = getattr(self.data, "record", None)  # sizes, seed, digest (data/holdout.py)
         if trusted:
             summary["trusted_code"] = trusted
         skipped = self._skipped_images()
@@ -496,7 +522,7 @@ class Trainer:
         if seen is None:
             return None
         out = {}
-        for split in ("train", "test"):
+        for split in ("train", *self.eval_splits):
             mask = torch.zeros(self.data.split_size(split), device=self.device)
             rows = [i for s, i in seen if s == split]
             if rows:
@@ -505,9 +531,9 @@ class Trainer:
         return out
 
     def _teacher_accuracy(self) -> tuple[float, float]:
-        """The teacher's top-1 and top-5 test accuracy (%)."""
+        """The teacher's top-1 and top-5 accuracy (%) on the split choosing the best epoch (test, or val)."""
         ev = evaluate_split(
-            lambda x: self._teacher_forward(x).logits, self.data, "test", self.cfg.train.eval_batch_size
+            lambda x: self._teacher_forward(x).logits, self.data, self.eval_splits[0], self.cfg.train.eval_batch_size
         )
         return ev["acc"], ev["top5"]
 

@@ -17,7 +17,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test,trackers,slurm]"
+	$(BIN)/pip install -q -e ".[test,trackers,slurm,tune]"
 	touch $@
 
 install: $(VENV)/.installed

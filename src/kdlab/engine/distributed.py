@@ -4,7 +4,9 @@
 joins the process group (NCCL on CUDA, gloo on CPU), wraps the trainable objective in
 ``DistributedDataParallel`` and gives every rank an equal slice of each global batch (``train.batch_size`` stays
 the *global* batch, so results match a single process with the same batch). Multi-node runs use torchrun's
-standard rendezvous flags (``--nnodes``, ``--rdzv-backend``, ``--rdzv-endpoint``).
+standard rendezvous flags (``--nnodes``, ``--rdzv-backend``, ``--rdzv-endpoint``). A process that ``srun`` started as
+one of several tasks of a Slurm job step (``--launcher slurm`` with ``launcher.nodes`` × ``tasks_per_node`` > 1, or
+``srun -n N python -m kdlab ...`` by hand) takes the same variables from Slurm's (:func:`slurm_rendezvous`).
 
 BatchNorm is the one exception to "N processes = 1 process": by default each rank normalises with the statistics of
 its own slice of the batch (and rank 0's running statistics are the ones saved), so losses and weights drift from a
@@ -15,6 +17,8 @@ which restores the equivalence at the cost of two small all-reduces per BatchNor
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +60,35 @@ class DistInfo:
         return box[0]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``gpu[07-09,12],cpu3`` → ``gpu07``."""
+    m = re.match(r"([^\[,]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
+    if m is None or not m.group(2):
+        return nodelist.split(",")[0].strip()
+    return m.group(1) + re.split(r"[-,]", m.group(2))[0] + m.group(3)
+
+
+def slurm_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's ``env://`` variables for a process that ``srun`` started as one of several tasks of a job
+    step (``SLURM_STEP_NUM_TASKS`` > 1): rank ``SLURM_PROCID``, the first node of the step as master, a port derived
+    from the job id (``MASTER_ADDR`` / ``MASTER_PORT`` if set win). Empty under torchrun (``WORLD_SIZE`` set), in a
+    batch script or a one-task step."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or not tasks.isdigit() or int(tasks) <= 1:
+        return {}
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    job = environ.get("SLURM_JOB_ID", "0")
+    return {
+        "WORLD_SIZE": tasks, "RANK": environ["SLURM_PROCID"], "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(job) % 20000 if job.isdigit() else 29500),
+    }  # fmt: skip
+
+
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); a no-op otherwise."""
+    """Join the process group when launched by torchrun or as one of several srun tasks (``WORLD_SIZE`` > 1); a
+    no-op otherwise."""
+    os.environ.update(slurm_rendezvous(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

@@ -17,13 +17,16 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kdlab.engine.atomic import atomic_write_text
+from kdlab.engine.atomic import ANY_TEMP, atomic_write_text, remove_if_dead
 from kdlab.errors import KdlabError, WriteError
+from kdlab.fileio import read_text
 
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "best.safetensors",
@@ -33,6 +36,24 @@ RUN_DIRS = ("checkpoints", "analysis", "tensorboard", "wandb")  # the last two: 
 LOCK_NAME = ".kdlab.lock"
 #: files that hold a folder's lock, not results (an otherwise empty folder holding one counts as empty)
 LOCK_FILES = (LOCK_NAME, ".kdlab-pipeline.lock")
+
+
+def open_lock_file(path: Path) -> Any:
+    """Open (creating it) the lock file ``path`` for reading and writing — never through a symlink, and only a
+    regular file: a lock file planted as a link to one of your files, a FIFO or a device is refused, not truncated."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if os.path.islink(path):
+            raise KdlabError(f"lock file {path} is a symbolic link; remove it (kdlab's lock is a plain file)") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise KdlabError(f"lock file {path} is not a regular file; remove it (kdlab's lock is a plain file)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+", errors="replace")
 
 
 class FolderBusyError(KdlabError):
@@ -59,10 +80,13 @@ class FolderLock:
         missing = [p for p in [folder, *folder.parents] if not p.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            f = open(folder / LOCK_NAME, "a+")
+            f = open_lock_file(folder / LOCK_NAME)
         except OSError as err:
             self._remove_created(missing[-1] if missing else None)
             raise WriteError(f"cannot write in {folder}: {err.strerror or err}") from None
+        except KdlabError:
+            self._remove_created(missing[-1] if missing else None)
+            raise
         self._created = missing[-1] if missing else None
         try:
             import fcntl
@@ -73,7 +97,7 @@ class FolderLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            pid = f.read().strip()
+            pid = f.read(32).strip()
             f.close()
             who = f"another kdlab process (pid {pid})" if pid.isdigit() else "another kdlab process"
             raise FolderBusyError(f"{who} is writing to {folder}; wait for it to finish or stop it") from None
@@ -121,9 +145,13 @@ class FolderLock:
         self.release(failed=kind is not None)
 
 
+#: a folder's launch records (kdlab.launch: the job that runs it, its log); not results either
+LAUNCH_RECORDS = ".kdlab-launch"
+
+
 def entries(path: Path) -> list[Path]:
-    """What a folder holds, not counting lock files."""
-    return [p for p in path.iterdir() if p.name not in LOCK_FILES]
+    """What a folder holds, not counting lock files and launch records."""
+    return [p for p in path.iterdir() if p.name not in LOCK_FILES and p.name != LAUNCH_RECORDS]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -168,25 +196,31 @@ def remove_run(path: Path) -> None:
         pass  # not empty: what is left is not kdlab's
 
 
+#: temporary folders kdlab assembles under the folder lock: checkpoints (``.tmp-epoch_NNNN-PID``) and analyses
+#: (``.analysis.tmp-PID``)
+TEMP_DIRS = re.compile(r"\.tmp-epoch_\d+-\d+|\.analysis\.tmp-\d+")
+
+
 def is_stale_temp(path: Path) -> bool:
-    """A temporary name kdlab writes under: ``.NAME.XXXX.tmp`` (atomic writes), ``.tmp-*`` (checkpoint folders),
-    ``.analysis.tmp-PID`` (analysis folders)."""
-    name = path.name
-    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
+    """A temporary name kdlab writes under: ``.NAME.XXXXXXXX.tmp`` (atomic writes, :mod:`kdlab.engine.atomic`),
+    ``.tmp-epoch_NNNN-PID`` (checkpoint folders), ``.analysis.tmp-PID`` (analysis folders). Nothing else: a file
+    of yours that merely ends in ``.tmp`` is not kdlab's."""
+    return bool(ANY_TEMP.fullmatch(path.name) or TEMP_DIRS.fullmatch(path.name))
 
 
 def remove_stale_temps(folder: Path, subdirs: tuple[str, ...] = RUN_DIRS) -> list[Path]:
-    """Remove temporaries left by killed writers in ``folder`` and its kdlab sub-folders (hold its lock first)."""
+    """Remove temporaries left by killed writers in ``folder`` and its kdlab sub-folders (hold its lock first).
+
+    Temporary files still locked by a live writer are left alone (:func:`kdlab.engine.atomic.remove_if_dead`)."""
     removed = []
     for d in [folder, *(folder / s for s in subdirs)]:
-        if not d.is_dir():
+        if not d.is_dir() or d.is_symlink():
             continue
         for p in d.iterdir():
-            if is_stale_temp(p):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+            if TEMP_DIRS.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            elif ANY_TEMP.fullmatch(p.name) and remove_if_dead(p):
                 removed.append(p)
     return removed
 
@@ -206,6 +240,24 @@ def open_run_folder(path: Path, *, resume: bool, overwrite: bool) -> FolderLock:
     return lock
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``RUN/metrics.jsonl`` ([] when there is none), read through :mod:`kdlab.fileio` (a regular file
+    within ``KDLAB_MAX_BYTES_METRICS``). A torn last line of a killed writer, or a line that is not an object with an
+    integer ``epoch``, is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not os.path.lexists(path):
+        return []
+    rows = []
+    for line in read_text(path, "metrics", "metrics file").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
+            rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """Appends one JSON row per epoch to ``metrics.jsonl`` and mirrors all rows to ``metrics.csv``."""
 
@@ -216,16 +268,7 @@ class MetricsLog:
 
     def restore(self, last_epoch: int) -> None:
         """Keep rows up to ``last_epoch`` (rows of an epoch whose checkpoint was never written are dropped)."""
-        rows = []
-        if self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line from a crash
-                if row.get("epoch", 0) <= last_epoch:
-                    rows.append(row)
-        self.rows = rows
+        self.rows = [r for r in read_metrics(self.jsonl.parent) if r["epoch"] <= last_epoch]
         self._flush()
 
     def append(self, row: dict[str, Any]) -> None:

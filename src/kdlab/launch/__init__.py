@@ -20,13 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 from kdlab.config import LauncherConfig
+from kdlab.engine.rundir import LAUNCH_RECORDS
 from kdlab.errors import ConfigError
 from kdlab.launch.base import END_STATES, LaunchTask, Launcher, Submission, TaskEnd, check_tasks, kdlab_argv
 from kdlab.launch.local import LocalLauncher
 from kdlab.registry import Registry
 
 #: the launch folder of a plan folder or of a single run submitted to a launcher
-LAUNCH_DIR = ".kdlab-launch"
+LAUNCH_DIR = LAUNCH_RECORDS
 
 
 def _slurm(settings: LauncherConfig, **kwargs: Any) -> Launcher:

@@ -104,8 +104,8 @@ class Launcher(ABC):
         check_tasks(tasks)
 
     @abstractmethod
-    def submit(self, tasks: Sequence[LaunchTask], folder: Path) -> Submission:
-        """Check, then hand every task over (all of them or, on an error, none)."""
+    def submit(self, tasks: Sequence[LaunchTask], folder: Path, job_name: str = "kdlab") -> Submission:
+        """Check, then hand every task over (all of them or, on an error, none); ``job_name`` labels the jobs."""
 
 
 def check_tasks(tasks: Sequence[LaunchTask]) -> None:

@@ -126,7 +126,7 @@ class LocalLauncher(Launcher):
         self.jobs = jobs
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 
-    def submit(self, tasks: Sequence[LaunchTask], folder: Path) -> LocalSubmission:
+    def submit(self, tasks: Sequence[LaunchTask], folder: Path, job_name: str = "kdlab") -> LocalSubmission:
         self.check(tasks)
         if any(t.after_jobs for t in tasks):
             raise KdlabError("the local launcher cannot wait for jobs of another launcher (after_jobs)")

@@ -91,7 +91,7 @@ def task_statuses(folder: Path, names: list[str] | None = None) -> tuple[dict[st
         elif prog.state == "running":
             alive = prog.host != host or records.pid_alive(prog.pid)
             detail = f"pid {prog.pid}" if alive else f"its process {prog.pid} is gone (killed?)"
-            out[n] = TaskStatus(n, "running" if alive else "failed", None, prog.host, detail, log)
+            out[n] = TaskStatus(n, "running" if alive else "cancelled", None, prog.host, detail, log)
         else:
             rc = prog.returncode if prog.returncode is not None else -1
             state = "done" if rc == 0 else "cancelled" if rc in STOPPED else "failed"

@@ -3,8 +3,12 @@
 ``run_plan(load_plan(...), out)`` is what ``kdlab sweep`` and ``kdlab chain`` do:
 
 1. expand the plan into runs and validate every run's config (nothing runs if one is wrong);
-2. skip finished runs, resume interrupted ones, run the rest (in this process, or ``jobs`` worker processes);
+2. skip finished runs, resume interrupted ones, run the rest (in this process, ``jobs`` worker processes, or as
+   Slurm jobs with ``launcher.name=slurm``: :mod:`kdlab.launch`);
 3. write ``plan.json``, ``results.csv``, ``results.md`` and, for two-axis grids, heatmaps and line plots.
+
+``plan_status(out)`` tells where each run of a plan folder stands (``kdlab sweep --status``); ``cancel_plan(out)``
+stops its queued and running jobs.
 
 Ensemble teachers (``teacher.ensemble``) and label noise (``data.label_noise``) are config keys, so they are swept
 like any other key; an under-trained teacher is a teacher stage with few epochs (kl-vs-mse Table 4).
@@ -16,16 +20,19 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.errors import KdlabError
+from kdlab.pipelines.axes import Axis, parse_grid_arg
 from kdlab.pipelines.compare import compare_rows, comparison_csv, comparison_markdown, comparison_records, find_runs
-from kdlab.pipelines.plan import Axis, Plan, Stage, Task, load_plan, parse_grid_arg, parse_seeds
-from kdlab.pipelines.runner import Outcome, execute, is_finished, load_result, plan_lock, task_status
+from kdlab.pipelines.plan import Plan, Stage, Task
+from kdlab.pipelines.runner import Outcome, execute, is_finished, load_result, plan_launcher, plan_lock, submit, task_status
+from kdlab.pipelines.spec import load_plan, parse_seeds
+from kdlab.pipelines.status import cancel_plan, plan_status
 from kdlab.pipelines.tables import write_tables
 
 
@@ -40,6 +47,11 @@ class PlanResult:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status in ("failed", "skipped")]
+
+    @property
+    def submitted(self) -> list[Outcome]:
+        """Runs handed to a launcher that were not followed to their end (``--launcher slurm`` without ``--wait``)."""
+        return [o for o in self.outcomes if o.status in ("submitted", "queued")]
 
 
 def _log(msg: str) -> None:
@@ -100,9 +112,13 @@ def run_plan(
     tables_only: bool = False,
     verbose: bool = False,
     log: Callable[[str], None] = _log,
+    wait: bool = False,
+    tables_argv: Sequence[str] | None = None,
 ) -> PlanResult:
     """Run a plan into ``out`` (resuming whatever is there) and write its tables; see the module docstring.
 
+    The runs' ``launcher`` section says where they run: ``local`` (here; ``jobs`` worker processes) or ``slurm``
+    (submitted; with ``wait`` followed to their ends, else a last job, ``tables_argv``, writes the tables).
     Raises :class:`~kdlab.errors.KdlabError` after writing the tables when some runs failed.
     """
     out = Path(out)
@@ -111,6 +127,10 @@ def run_plan(
     if out.exists() and not out.is_dir():
         raise KdlabError(f"output path {out} exists and is not a folder")
     tasks = plan.expand(out)
+    settings = plan_launcher(tasks)
+    if settings.name != "local" and jobs > 1 and not tables_only:
+        raise KdlabError(f"--jobs runs local worker processes; with --launcher {settings.name} every run is a job "
+                         "(launcher.array_parallelism caps how many of an array run at once)")  # fmt: skip
     t0 = time.perf_counter()
     with plan_lock(out):
         status = [task_status(t) for t in tasks]  # validates existing folders before anything runs
@@ -124,8 +144,10 @@ def run_plan(
         }, indent=1))  # fmt: skip
         if tables_only:
             outcomes = [Outcome(t, "done" if is_finished(t.out) else "missing") for t in tasks]
-        else:
+        elif settings.name == "local":
             outcomes = execute(tasks, out, jobs=jobs, threads=threads, log=log, verbose=verbose)
+        else:
+            outcomes = submit(tasks, out, settings, log=log, wait=wait, tables_argv=tables_argv)
         results = {t.out: load_result(t.out) for t in tasks if is_finished(t.out)}
         title = plan.description or Path(plan.source).stem
         written = write_tables(out, tasks, results, title=title)
@@ -138,7 +160,7 @@ def run_plan(
 
 
 __all__ = [
-    "Axis", "Outcome", "Plan", "PlanResult", "Stage", "Task", "compare_rows", "comparison_csv", "comparison_markdown",
-    "comparison_records", "dry_run", "execute", "find_runs", "load_plan", "parse_grid_arg", "parse_seeds", "run_plan",
-    "write_tables",
+    "Axis", "Outcome", "Plan", "PlanResult", "Stage", "Task", "cancel_plan", "compare_rows", "comparison_csv",
+    "comparison_markdown", "comparison_records", "dry_run", "execute", "find_runs", "load_plan", "parse_grid_arg",
+    "parse_seeds", "plan_status", "run_plan", "write_tables",
 ]  # fmt: skip

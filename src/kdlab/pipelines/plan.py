@@ -47,156 +47,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kdlab.config import RunConfig, parse_override, read_recipe, read_yaml, set_dotted, validate
+from kdlab.config import RunConfig, read_recipe, set_dotted, validate
 from kdlab.errors import ConfigError, KdlabError
-
-#: one override: the dotted key split into parts, and its value
-Override = tuple[tuple[str, ...], Any]
-
-SPEC_KEYS = {"recipe", "stages", "overrides", "grid", "seeds", "meta", "description", "teacher_cache"}
-STAGE_KEYS = {"name", "recipe", "overrides", "grid", "teacher", "ensemble", "meta", "seed"}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# axes
-
-
-def label_of(value: Any) -> str:
-    """A short, stable text label of an axis value (used in tables and folder names)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}={label_of(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(label_of(v) for v in value) + "]"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One grid dimension: a name, and for each value a label and the overrides it applies."""
-
-    name: str
-    labels: tuple[str, ...]
-    overrides: tuple[tuple[Override, ...], ...]
-
-    def __post_init__(self) -> None:
-        if not self.labels:
-            raise ConfigError(f"grid axis '{self.name}' has no values")
-        if len(set(self.labels)) != len(self.labels):
-            raise ConfigError(f"grid axis '{self.name}' lists a value twice: {', '.join(self.labels)}")
-
-    def overrides_for(self, label: str) -> tuple[Override, ...]:
-        return self.overrides[self.labels.index(label)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "values": {lab: {".".join(k): v for k, v in ov}
-                                              for lab, ov in zip(self.labels, self.overrides)}}  # fmt: skip
-
-
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets, braces and quotes (``1,[2,3],{a: 1, b: 2}`` → three items)."""
-    parts, depth, quote, cur = [], 0, "", []
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == sep and depth == 0 and not quote:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts]
-
-
-def _yaml_value(raw: str) -> Any:
-    _, value = parse_override(f"x={raw}")
-    return value
-
-
-def parse_grid_arg(text: str) -> Axis:
-    """``key=v1,v2,...`` (values read as YAML, commas inside brackets kept) → a plain axis."""
-    if "=" not in text:
-        raise ConfigError(f"--grid '{text}' must look like key.sub=v1,v2,...")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or not all(key.split(".")):
-        raise ConfigError(f"--grid '{text}' has an empty key")
-    items = [s for s in split_top_level(raw) if s != ""]
-    if not items:
-        raise ConfigError(f"--grid '{text}' lists no values")
-    parts = tuple(key.split("."))
-    values = [_yaml_value(s) for s in items]
-    return Axis(key, tuple(label_of(v) for v in values), tuple(((parts, v),) for v in values))
-
-
-def _overrides_from(obj: Any, where: str) -> tuple[Override, ...]:
-    """Overrides given as a mapping ``{dotted.key: value}`` or a list of ``"key=value"`` strings."""
-    if obj is None:
-        return ()
-    if isinstance(obj, dict):
-        out = []
-        for k, v in obj.items():
-            parts = tuple(str(k).split("."))
-            if not all(parts):
-                raise ConfigError(f"{where}: empty key in '{k}'")
-            out.append((parts, v))
-        return tuple(out)
-    if isinstance(obj, (list, tuple)):
-        out = []
-        for item in obj:
-            if not isinstance(item, str):
-                raise ConfigError(f"{where}: overrides must be 'key=value' strings, got {item!r}")
-            parts, value = parse_override(item)
-            out.append((tuple(parts), value))
-        return tuple(out)
-    raise ConfigError(f"{where}: overrides must be a mapping or a list of 'key=value' strings")
-
-
-def parse_grid_spec(grid: Any, where: str) -> list[Axis]:
-    """The ``grid:`` mapping of a study spec: ``key: [values]`` (plain) or ``name: {label: overrides}`` (named)."""
-    if grid is None:
-        return []
-    if not isinstance(grid, dict):
-        raise ConfigError(f"{where}: 'grid' must be a mapping of axis → values")
-    axes = []
-    for name, spec in grid.items():
-        name = str(name)
-        if isinstance(spec, list):
-            parts = tuple(name.split("."))
-            axes.append(Axis(name, tuple(label_of(v) for v in spec), tuple(((parts, v),) for v in spec)))
-        elif isinstance(spec, dict):
-            labels = tuple(label_of(k) for k in spec)
-            ovs = tuple(_overrides_from(v, f"{where}: grid.{name}.{k}") for k, v in spec.items())
-            axes.append(Axis(name, labels, ovs))
-        else:
-            raise ConfigError(f"{where}: grid.{name} must be a list of values or a mapping label → overrides")
-    return axes
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# stages, tasks, plan
+from kdlab.pipelines.axes import Axis, Override, label_of
+from kdlab.pipelines.plan_cache import with_cache
 
 
 @dataclass
@@ -394,7 +254,7 @@ class Plan:
                     try:
                         cfg = validate(raw)
                         if self.teacher_cache:
-                            cfg = _with_cache(cfg, out, self.teacher_cache)
+                            cfg = with_cache(cfg, out, self.teacher_cache)
                     except KdlabError as err:
                         raise ConfigError(f"{label if not self.single else st.recipe}: {err}") from None
                     folder = out if self.single else out / st.name
@@ -425,48 +285,6 @@ class Plan:
                 for s in self.stages
             ],
         }  # fmt: skip
-
-
-CACHE_DIR = ".teacher_cache"
-
-
-def _non_default(section: Any, exclude: set[str]) -> dict[str, Any]:
-    dump = section.model_dump(mode="json", exclude=exclude)
-    fields = type(section).model_fields
-    return {k: v for k, v in dump.items() if k not in fields or fields[k].is_required() or v != fields[k].get_default(
-        call_default_factory=True)}  # fmt: skip
-
-
-def same_plan_cache(a: str | None, b: str | None) -> bool:
-    """Two plan-made cache paths of the same teacher name and views (they differ at most in their digest)."""
-    if not a or not b:
-        return False
-    pa, pb = Path(a), Path(b)
-    if pa.parent.name != CACHE_DIR or pb.parent != pa.parent:
-        return False
-    return pa.name.rsplit("-", 1)[0] == pb.name.rsplit("-", 1)[0]
-
-
-def _with_cache(cfg: RunConfig, out: Path, views: int) -> RunConfig:
-    """``cfg`` with ``teacher.cache`` set to the plan's cache for its teacher and data (distillation runs only)."""
-    from kdlab.methods import build_method
-    from kdlab.models.output import STAGE_FIELDS
-
-    method = build_method(cfg.method.name, cfg.method.params())
-    if cfg.teacher is None or cfg.teacher.cache or not method.needs_teacher:
-        return cfg
-    if set(method.teacher_outputs) & set(STAGE_FIELDS):
-        return cfg  # stage features are not cached: these runs keep a live teacher
-    key = {  # settings left at their defaults are left out, so that new config keys do not rename caches
-        "teacher": _non_default(cfg.teacher, exclude={"cache"}),
-        "data": _non_default(cfg.data, exclude={"label_noise", "label_noise_seed"}),
-        "views": views, "fields": list(method.teacher_outputs),
-    }  # fmt: skip
-    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
-    raw = cfg.to_dict()
-    raw["teacher"]["cache"] = str(out / CACHE_DIR / f"{cfg.teacher.name}-{views}v-{digest}.safetensors")
-    raw["meta"].setdefault("pipeline", {})["teacher_cache_views"] = views
-    return validate(raw)
 
 
 def _model_section(task: Task) -> dict[str, Any]:
@@ -510,129 +328,3 @@ def _inject_teacher(raw: dict[str, Any], teacher: Task, ensemble: list[Task]) ->
     if ensemble:
         sec["ensemble"] = [_model_section(t) for t in ensemble]
     raw["teacher"] = sec
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# reading plans
-
-
-def parse_seeds(value: Any, where: str = "--seeds") -> list[int] | None:
-    """``3`` → ``[0, 1, 2]``; ``"0,4,7"`` or ``[0, 4, 7]`` → that list; ``None`` → ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items = [s for s in split_top_level(value) if s]
-        if len(items) == 1 and "," not in value:
-            value = items[0]
-        else:
-            value = [_yaml_value(s) for s in items]
-        if isinstance(value, str):
-            value = _yaml_value(value)
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a count or a list of seeds, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ConfigError(f"{where}: the number of seeds must be at least 1, got {value}")
-        return list(range(value))
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                          for v in value):  # fmt: skip
-        if len(set(value)) != len(value):
-            raise ConfigError(f"{where}: a seed is listed twice: {value}")
-        return list(value)
-    raise ConfigError(f"{where}: expected a count or a list of non-negative seeds, got {value!r}")
-
-
-def is_spec(raw: dict[str, Any]) -> bool:
-    """A study spec has ``recipe`` or ``stages`` at the top level (a run recipe never does)."""
-    return "recipe" in raw or "stages" in raw
-
-
-def load_plan(
-    path: str | Path,
-    grid: Sequence[str] = (),
-    seeds: Any = None,
-    overrides: Sequence[str] = (),
-    teacher_cache: int | None = None,
-) -> Plan:
-    """A plan from a recipe or a study spec, plus command-line ``--grid`` axes, ``--seeds`` and overrides.
-
-    Command-line seeds (and ``teacher_cache`` views) replace the spec's; command-line axes are appended to the
-    spec's plan-level axes.
-    """
-    if teacher_cache is not None and teacher_cache < 1:
-        raise ConfigError(f"--teacher-cache must be a positive number of views, got {teacher_cache}")
-    path = Path(path)
-    raw = read_yaml(path)
-    cli_axes = [parse_grid_arg(g) for g in grid]
-    cli_ov = _overrides_from(list(overrides), "overrides")
-    if not is_spec(raw):
-        read_recipe(path)  # base chain readable
-        plan = Plan([Stage("run", path)], cli_axes, parse_seeds(seeds), (), cli_ov, source=str(path),
-                    teacher_cache=teacher_cache)  # fmt: skip
-        plan.stage_axes()
-        return plan
-    where = str(path)
-    unknown = set(raw) - SPEC_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (a study spec has {', '.join(sorted(SPEC_KEYS))})")
-    if "recipe" in raw and "stages" in raw:
-        raise ConfigError(f"{where}: give either 'recipe' (one stage) or 'stages' (a chain), not both")
-    if "recipe" in raw:
-        stages = [Stage("run", _rel(path, raw["recipe"], where))]
-    else:
-        items = raw["stages"]
-        if not isinstance(items, list) or not items:
-            raise ConfigError(f"{where}: 'stages' must be a non-empty list")
-        stages = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "recipe" not in item or "name" not in item:
-                raise ConfigError(f"{where}: stage {i + 1} needs 'name' and 'recipe'")
-            bad = set(item) - STAGE_KEYS
-            if bad:
-                raise ConfigError(f"{where}: stage '{item['name']}' has unknown key(s) {', '.join(sorted(bad))}")
-            name = str(item["name"])
-            if not re.fullmatch(r"[\w.\-]+", name) or name.startswith("."):
-                raise ConfigError(f"{where}: stage name '{name}' must be letters, digits, '_', '-' or '.'")
-            if any(s.name == name for s in stages):
-                raise ConfigError(f"{where}: two stages are named '{name}'")
-            teacher = item.get("teacher")
-            ensemble = item.get("ensemble") or []
-            if not isinstance(ensemble, list) or not all(isinstance(e, str) for e in ensemble):
-                raise ConfigError(f"{where}: stage '{name}': ensemble must be a list of stage names")
-            seed = item.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-                raise ConfigError(f"{where}: stage '{name}': seed must be a non-negative integer")
-            meta = item.get("meta") or {}
-            if not isinstance(meta, dict):
-                raise ConfigError(f"{where}: stage '{name}': meta must be a mapping")
-            stages.append(Stage(
-                name, _rel(path, item["recipe"], where), _overrides_from(item.get("overrides"), f"{where}: stage '{name}'"),
-                parse_grid_spec(item.get("grid"), f"{where}: stage '{name}'"),
-                None if teacher is None else str(teacher), meta, seed, ensemble,
-            ))  # fmt: skip
-    meta = raw.get("meta") or {}
-    views = raw.get("teacher_cache")
-    if views is not None and (not isinstance(views, int) or isinstance(views, bool) or views < 1):
-        raise ConfigError(f"{where}: teacher_cache must be a positive number of views")
-    plan = Plan(
-        stages, parse_grid_spec(raw.get("grid"), where) + cli_axes,
-        parse_seeds(seeds) if seeds is not None else parse_seeds(raw.get("seeds"), f"{where}: seeds"),
-        _overrides_from(raw.get("overrides"), f"{where}: overrides"), cli_ov, source=str(path),
-        description=str(raw.get("description") or ""), meta=meta if isinstance(meta, dict) else {},
-        teacher_cache=teacher_cache or views,
-    )  # fmt: skip
-    plan.stage_axes()  # axis names unique, teachers resolvable
-    return plan
-
-
-def _rel(spec: Path, recipe: Any, where: str) -> Path:
-    if not isinstance(recipe, str):
-        raise ConfigError(f"{where}: 'recipe' must be a file name")
-    path = (spec.parent / recipe).resolve()
-    if not path.is_file():
-        raise ConfigError(f"{where}: recipe not found: {recipe} (paths are relative to the spec file)")
-    return path
-
-
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False)

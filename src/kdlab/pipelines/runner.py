@@ -1,4 +1,4 @@
-"""Executing a plan: skip finished runs, resume interrupted ones, run the rest (in-process or ``--jobs`` workers).
+"""Executing a plan: skip finished runs, resume interrupted ones, run the rest here or through a launcher.
 
 A run of a plan is *finished* when its folder holds ``summary.json`` and ``train_eval.json`` (the accuracy on the
 training split in eval mode, written right after the run by :func:`run_task`). A folder that is a kdlab run but not
@@ -6,8 +6,12 @@ finished is resumed exactly (``kdlab.engine`` checkpoints every epoch); a missin
 Before anything runs, every existing folder's ``config.yaml`` is compared with the plan's config for it, so a sweep
 never mixes runs of different settings. One plan folder is worked on by one process at a time (a lock file).
 
-With ``jobs > 1`` each run is a ``python -m kdlab.pipelines.worker`` subprocess (its output goes to
-``OUT/logs/``); a run starts once its teacher's run has finished, and a failed run fails the runs it teaches.
+``jobs == 1`` on the local launcher runs everything in this process. Otherwise every run is one task of a
+:mod:`kdlab.launch` launcher — ``python -m kdlab.pipelines.worker OUT/.kdlab-launch/jobs/RUN.json``, the same command
+on every launcher — whose output goes to ``OUT/logs/RUN.log``: ``--jobs J`` worker processes here, or Slurm jobs
+(``--launcher slurm``: one job array per group of runs with the same resources and teacher; submitted, then
+``kdlab sweep --status OUT`` follows them and a last job writes the tables). A run starts once its teacher's run has
+finished; a failed run fails the runs it teaches.
 """
 
 from __future__ import annotations
@@ -15,24 +19,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import RunConfig, read_yaml, validate
+from kdlab.config import LauncherConfig, RunConfig, read_yaml, validate
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.rundir import entries, is_run_dir
 from kdlab.errors import ConfigError, KdlabError
-from kdlab.pipelines.plan import CACHE_DIR, Task, same_plan_cache
-from kdlab.trust import child_env
+from kdlab.launch import LAUNCH_DIR, LaunchTask, TaskEnd, get_launcher
+from kdlab.pipelines.plan import Task
+from kdlab.pipelines.plan_cache import ensure_teacher_cache, same_plan_cache
 
 TRAIN_EVAL = "train_eval.json"
 #: keys that may differ between a run's saved config.yaml and the plan (they do not change results)
-VOLATILE = {"train.progress", "train.threads", "train.device", "meta"}
+VOLATILE = {"train.progress", "train.threads", "train.device", "meta", "launcher"}
+WORKER = "kdlab.pipelines.worker"
 
 Log = Callable[[str], None]
 
@@ -41,9 +47,9 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file() and (run_dir / TRAIN_EVAL).is_file()
 
 
-def task_status(task: Task) -> str:
-    """``done`` | ``resume`` | ``new``; raises if the folder holds something else or a run of another config."""
-    d = task.out
+def run_status(d: Path, cfg: RunConfig) -> str:
+    """``done`` | ``resume`` | ``new`` for the run of ``cfg`` in folder ``d``; raises if the folder holds something
+    else or a run of another config (a plan-made teacher cache path of the same teacher is adopted into ``cfg``)."""
     if d.exists() and not d.is_dir():
         raise KdlabError(f"{d} exists and is not a folder")
     if not d.exists() or not entries(d):  # a lock file alone (a start that failed) is nothing
@@ -61,9 +67,9 @@ def task_status(task: Task) -> str:
         except KdlabError:
             saved = raw
         old_cache = (saved.get("teacher") or {}).get("cache")
-        if task.cfg.teacher is not None and old_cache != task.cfg.teacher.cache and same_plan_cache(old_cache, task.cfg.teacher.cache):
-            task.cfg.teacher.cache = old_cache  # the run keeps the cache file it was made with (same teacher, views)
-        diff = first_difference(saved, task.cfg.to_dict(), ignore)
+        if cfg.teacher is not None and old_cache != cfg.teacher.cache and same_plan_cache(old_cache, cfg.teacher.cache):
+            cfg.teacher.cache = old_cache  # the run keeps the cache file it was made with (same teacher, views)
+        diff = first_difference(saved, cfg.to_dict(), ignore)
         if diff:
             raise ConfigError(
                 f"{d} holds a run made with a different '{diff}' than this plan asks for; "
@@ -72,44 +78,9 @@ def task_status(task: Task) -> str:
     return status
 
 
-def ensure_teacher_cache(task: Task, root: Path, log: Log = lambda m: None) -> None:
-    """Build the plan-made teacher-output cache of ``task`` if it is missing or was made from other teacher weights."""
-    cfg = task.cfg
-    if cfg.teacher is None or not cfg.teacher.cache:
-        return
-    path = Path(cfg.teacher.cache)
-    if path.parent != root / CACHE_DIR:
-        return  # the user's own cache: used as given
-    import torch
-
-    from kdlab.data import build_dataset
-    from kdlab.engine.fastpath import FastPath
-    from kdlab.engine.teacher_cache import TeacherCache, build_cache
-    from kdlab.engine.teachers import load_teacher, teacher_fingerprint
-    from kdlab.engine.trainer import select_device
-    from kdlab.methods import METHODS
-
-    sha = teacher_fingerprint(cfg.teacher)
-    if path.is_file():
-        try:
-            if TeacherCache(path).info.meta.get("teacher_sha256") == sha:
-                return
-        except KdlabError:
-            pass
-    t0 = time.perf_counter()
-    device = select_device(cfg.train.device)
-    data = build_dataset(cfg.data).to(device)
-    teacher = load_teacher(cfg.teacher, data.num_classes).to(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    views = int((cfg.meta.get("pipeline") or {}).get("teacher_cache_views", 1))
-    build_cache(
-        teacher, data, views, path, augment_seed=cfg.data.augment_seed or 0,
-        fields=METHODS.get(cfg.method.name).teacher_outputs, dtype=torch.float32, batch_size=cfg.train.eval_batch_size,
-        meta={"teacher": cfg.teacher.name, "teacher_sha256": sha, "data": cfg.data.model_dump(mode="json")},
-        fast=FastPath(cfg.train, device, data.example_batch(2)),  # the students' autocast / memory format
-        fold_bn=cfg.teacher.fold_bn,
-    )  # fmt: skip
-    log(f"    teacher cache {path.relative_to(root)}: {views} view(s) ({time.perf_counter() - t0:.1f} s)")
+def task_status(task: Task) -> str:
+    """:func:`run_status` of a plan's run."""
+    return run_status(task.out, task.cfg)
 
 
 def run_task(cfg: RunConfig, out: Path, resume: bool, log: Log | None = None) -> dict[str, Any]:
@@ -120,16 +91,19 @@ def run_task(cfg: RunConfig, out: Path, resume: bool, log: Log | None = None) ->
     summary = trainer.run().summary
     ev = trainer.evaluate("train")
     record = {"train_eval_acc": ev["acc"], "train_eval_loss": ev["loss"], "split": "train", "n": trainer.data.num_train}
-    atomic_write_text(Path(out) / TRAIN_EVAL, json.dumps(record, indent=1))
+    if trainer.dist.is_main:
+        atomic_write_text(Path(out) / TRAIN_EVAL, json.dumps(record, indent=1))
     return {**summary, **record}
 
 
 def load_result(run_dir: Path) -> dict[str, Any]:
     """``summary.json`` merged with ``train_eval.json`` of a finished run."""
-    out = json.loads((run_dir / "summary.json").read_text())
+    from kdlab.fileio import read_json
+
+    out = read_json(run_dir / "summary.json")
     te = run_dir / TRAIN_EVAL
     if te.is_file():
-        out.update(json.loads(te.read_text()))
+        out.update(read_json(te))
     return out
 
 
@@ -161,21 +135,92 @@ def plan_lock(out: Path) -> Iterator[None]:
 @dataclass
 class Outcome:
     task: Task
-    status: str  # done | ran | failed | skipped
+    status: str  # done | ran | failed | skipped | submitted | queued
     result: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
+    job_id: str | None = None
 
 
 def _line(i: int, n: int, task: Task, root: Path, outcome: Outcome) -> str:
     w = len(str(n))
-    head = f"[{i:>{w}}/{n}] {outcome.status:<7} {task.rel(root)}"
+    head = f"[{i:>{w}}/{n}] {outcome.status:<9} {task.rel(root)}"
     r = outcome.result
     if r is not None:
         top5 = f" (top-5 {r['best_test_top5']:.2f}%)" if r.get("best_test_top5") is not None else ""
         return (f"{head}  test {r['final_test_acc']:.2f}%  best {r['best_test_acc']:.2f}%{top5}  "
                 f"train {r.get('train_eval_acc', float('nan')):.2f}%  ({outcome.seconds:.1f} s)")  # fmt: skip
+    if outcome.job_id:
+        head = f"{head}  job {outcome.job_id}"
     return f"{head}  {outcome.error or ''}".rstrip()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# runs as launcher tasks
+
+
+def task_name(task: Task, root: Path) -> str:
+    """The launch-task name of a run: its path in the plan folder, ``/`` replaced by ``__``."""
+    return task.rel(root).replace(os.sep, "__")
+
+
+def log_path(root: Path, task: Task) -> Path:
+    return root / "logs" / f"{task_name(task, root)}.log"
+
+
+def write_job(path: Path, cfg: RunConfig, out: Path, root: Path | None, kind: str) -> tuple[str, ...]:
+    """Write a worker job file (``kind``: ``plan`` run with its train-split evaluation, or a plain ``run``) and
+    return the command that runs it."""
+    job = {"kind": kind, "config": cfg.to_dict(), "out": str(Path(out).absolute()),
+           "root": None if root is None else str(Path(root).absolute())}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(job, indent=1))
+    return (sys.executable, "-m", WORKER, str(path.absolute()))
+
+
+def launch_tasks(todo: list[Task], root: Path, threads: int | None, active: dict[str, str]) -> list[LaunchTask]:
+    """The launcher tasks of the runs ``todo`` (each waits for its teacher runs among them, or their ``active`` jobs)."""
+    names = {t.key: task_name(t, root) for t in todo}
+    out = []
+    for t in todo:
+        cfg = t.cfg.model_copy(deep=True)
+        if cfg.train.threads is None:
+            cfg.train.threads = threads or cfg.launcher.cpus_per_task
+        name = names[t.key]
+        argv = write_job(root / LAUNCH_DIR / "jobs" / f"{name}.json", cfg, t.out, root, "plan")
+        after = tuple(names[s.key] for s in t.sources if s.key in names)
+        after_jobs = tuple(active[n] for s in t.sources if (n := task_name(s, root)) in active)
+        out.append(LaunchTask(name, argv, log_path(root, t), after, threads=cfg.train.threads, resources=cfg.launcher,
+                              after_jobs=after_jobs))  # fmt: skip
+    return out
+
+
+def plan_launcher(tasks: Sequence[Task]) -> LauncherConfig:
+    """The launcher section of a plan's runs: one launcher ``name`` for all (resources may differ per stage)."""
+    names = sorted({t.cfg.launcher.name for t in tasks})
+    if len(names) > 1:
+        raise ConfigError(f"the runs of a plan name different launchers ({', '.join(names)}); give one, e.g. --launcher")
+    return tasks[0].cfg.launcher if tasks else LauncherConfig()
+
+
+def active_jobs(tasks: Sequence[Task], root: Path) -> dict[str, str]:
+    """Runs of the plan whose Slurm job (of an earlier submission) is still queued or running: name -> job id."""
+    from kdlab.launch import records
+
+    folder = root / LAUNCH_DIR
+    if not (folder / records.TASKS).is_dir() or shutil.which("squeue") is None:
+        return {}
+    jobs = {}
+    for t in tasks:
+        sub = records.read_submitted(folder, task_name(t, root))
+        if sub is not None and sub.launcher == "slurm" and sub.job_id:
+            jobs[task_name(t, root)] = sub.job_id
+    if not jobs:
+        return {}
+    from kdlab.launch import slurm_queue
+
+    queued = slurm_queue.queue(list(jobs.values()))
+    return {n: j for n, j in jobs.items() if j in queued}
 
 
 def execute(
@@ -186,11 +231,16 @@ def execute(
     log: Log = lambda m: None,
     verbose: bool = False,
 ) -> list[Outcome]:
-    """Run every unfinished task (teachers first); returns one :class:`Outcome` per task, in plan order.
+    """Run every unfinished task here (teachers first); returns one :class:`Outcome` per task, in plan order.
 
-    ``jobs == 1`` runs in this process; ``jobs > 1`` runs up to ``jobs`` worker subprocesses, each limited to
-    ``threads`` torch threads (default: CPU cores // jobs) unless the config sets ``train.threads``.
+    ``jobs == 1`` runs in this process; ``jobs > 1`` runs up to ``jobs`` worker processes (the local launcher), each
+    limited to ``threads`` torch threads (default: CPU cores // jobs) unless the config sets ``train.threads``.
     """
+    active = active_jobs(tasks, root)
+    if active:
+        ids = ", ".join(sorted(set(active.values()))[:5])
+        raise KdlabError(f"{len(active)} run(s) of {root} are queued or running on Slurm (jobs {ids}); wait for them "
+                         f"or cancel them with `kdlab sweep --cancel {root}`")  # fmt: skip
     status = {t.key: task_status(t) for t in tasks}
     outcomes: dict[tuple, Outcome] = {}
     n = len(tasks)
@@ -200,108 +250,97 @@ def execute(
             outcomes[t.key] = Outcome(t, "done", load_result(t.out))
             log(_line(next(counter), n, t, root, outcomes[t.key]))
     todo = [t for t in tasks if status[t.key] != "done"]
-
-    def blocked(t: Task) -> str | None:
-        for src in t.sources:
-            o = outcomes.get(src.key)
-            if o is not None and o.status in ("failed", "skipped"):
-                return f"teacher run {src.rel(root)} failed"
-        return None
-
     if jobs <= 1:
         for t in todo:
-            why = blocked(t)
-            if why:
-                outcomes[t.key] = Outcome(t, "skipped", error=why)
+            failed = next((s for s in t.sources if outcomes[s.key].status in ("failed", "skipped")), None)
+            if failed is not None:
+                outcomes[t.key] = Outcome(t, "skipped", error=f"teacher run {failed.rel(root)} failed")
             else:
                 t0 = time.perf_counter()
                 trainer_log = (lambda m: log("    " + m)) if verbose else None
                 try:
-                    ensure_teacher_cache(t, root, log)
+                    ensure_teacher_cache(t.cfg, root, log)
                     res = run_task(t.cfg, t.out, resume=status[t.key] == "resume", log=trainer_log)
                     outcomes[t.key] = Outcome(t, "ran", res, seconds=time.perf_counter() - t0)
                 except KdlabError as err:
                     outcomes[t.key] = Outcome(t, "failed", error=str(err), seconds=time.perf_counter() - t0)
             log(_line(next(counter), n, t, root, outcomes[t.key]))
-    else:
-        _execute_parallel(todo, status, outcomes, root, jobs, threads, log, counter, n, blocked)
+        return [outcomes[t.key] for t in tasks]
+    by_name = {task_name(t, root): t for t in tasks}
+    launcher = get_launcher("local", jobs=jobs, threads=threads)
+
+    def ended(end: TaskEnd) -> None:
+        t = by_name[end.name]
+        outcomes[t.key] = outcome_of(t, end, root, outcomes)
+        log(_line(next(counter), n, t, root, outcomes[t.key]))
+
+    launcher.submit(launch_tasks(todo, root, launcher.threads, {}), root / LAUNCH_DIR).wait(on_end=ended)
     return [outcomes[t.key] for t in tasks]
 
 
-def _log_path(root: Path, task: Task) -> Path:
-    name = task.rel(root).replace(os.sep, "__")
-    return root / "logs" / f"{name}.log"
+def outcome_of(t: Task, end: TaskEnd, root: Path, outcomes: dict[tuple, Outcome]) -> Outcome:
+    """A run's :class:`Outcome` from its task's end (its results read from its folder); a run that did not start
+    because a teacher run failed is ``skipped``."""
+    if end.state == "done" and is_finished(t.out):
+        return Outcome(t, "ran", load_result(t.out), seconds=end.seconds or 0.0, job_id=end.job_id)
+    failed = next((s for s in t.sources if s.key in outcomes and outcomes[s.key].status in ("failed", "skipped")), None)
+    if end.state in ("skipped", "cancelled") and failed is not None:
+        return Outcome(t, "skipped", error=f"teacher run {failed.rel(root)} failed", job_id=end.job_id)
+    return Outcome(t, "failed", error=end.error or f"ended {end.state}", seconds=end.seconds or 0.0, job_id=end.job_id)
 
 
-def _execute_parallel(todo, status, outcomes, root, jobs, threads, log, counter, n, blocked) -> None:
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    pending = list(todo)
-    running: dict[subprocess.Popen, tuple[Task, float, Any]] = {}
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    try:
-        while pending or running:
-            for t in list(pending):
-                why = blocked(t)
-                if why:
-                    pending.remove(t)
-                    outcomes[t.key] = Outcome(t, "skipped", error=why)
-                    log(_line(next(counter), n, t, root, outcomes[t.key]))
-                    continue
-                if len(running) >= jobs:
-                    break
-                if any(src.key not in outcomes for src in t.sources):
-                    continue  # a teacher of it is still to run
-                try:
-                    ensure_teacher_cache(t, root, log)
-                except KdlabError as err:
-                    pending.remove(t)
-                    outcomes[t.key] = Outcome(t, "failed", error=str(err))
-                    log(_line(next(counter), n, t, root, outcomes[t.key]))
-                    continue
-                pending.remove(t)
-                cfg = t.cfg.model_copy(deep=True)
-                if cfg.train.threads is None:
-                    cfg.train.threads = threads
-                job = {"config": cfg.to_dict(), "out": str(t.out), "resume": status[t.key] == "resume"}
-                logf = open(_log_path(root, t), "a")
-                env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.train.threads), **child_env())
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "kdlab.pipelines.worker"], stdin=subprocess.PIPE, stdout=logf,
-                    stderr=subprocess.STDOUT, env=env, text=True,
-                )  # fmt: skip
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps(job))
-                proc.stdin.close()
-                running[proc] = (t, time.perf_counter(), logf)
-            done = [p for p in running if p.poll() is not None]
-            if not done:
-                time.sleep(0.1)
-                continue
-            for p in done:
-                t, t0, logf = running.pop(p)
-                logf.close()
-                dt = time.perf_counter() - t0
-                if p.returncode == 0 and is_finished(t.out):
-                    outcomes[t.key] = Outcome(t, "ran", load_result(t.out), seconds=dt)
-                else:
-                    outcomes[t.key] = Outcome(t, "failed", error=_last_error(_log_path(root, t), p.returncode), seconds=dt)
-                log(_line(next(counter), n, t, root, outcomes[t.key]))
-    except BaseException:
-        for p in running:
-            p.terminate()
-        for p in running:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=30)
-        raise
+def submit(
+    tasks: list[Task],
+    root: Path,
+    settings: LauncherConfig,
+    log: Log = lambda m: None,
+    wait: bool = False,
+    tables_argv: Sequence[str] | None = None,
+) -> list[Outcome]:
+    """Hand the unfinished runs to a non-local launcher (Slurm); with ``wait``, follow them to their ends.
 
+    Runs whose job of an earlier submission is still queued or running are not submitted again (their students wait
+    for those jobs). Without ``wait``, a last task (``tables_argv``, run whatever the others' ends) writes the tables.
+    """
+    launcher = get_launcher(settings)
+    status = {t.key: task_status(t) for t in tasks}
+    active = active_jobs(tasks, root)
+    outcomes: dict[tuple, Outcome] = {}
+    todo = []
+    for t in tasks:
+        name = task_name(t, root)
+        if status[t.key] == "done":
+            outcomes[t.key] = Outcome(t, "done", load_result(t.out))
+        elif name in active:
+            outcomes[t.key] = Outcome(t, "queued", job_id=active[name], error="(queued earlier)")
+        else:
+            todo.append(t)
+    ltasks = launch_tasks(todo, root, None, active)
+    if ltasks and tables_argv is not None and not wait:
+        res = (ltasks[0].resources or settings).model_copy(update={
+            "gpus_per_node": 0, "nodes": 1, "tasks_per_node": 1, "additional": {},
+            "time": min(10, settings.time_minutes or 10)})  # fmt: skip
+        ltasks.append(LaunchTask("tables", tuple(tables_argv), root / "logs" / "tables.log",
+                                 tuple(lt.name for lt in ltasks), after_jobs=tuple(sorted(set(active.values()))),
+                                 resources=res, after_any=True))  # fmt: skip
+    folder = root / LAUNCH_DIR
+    sub = launcher.submit(ltasks, folder, job_name=f"kdlab:{root.name}") if ltasks else None
+    by_name = {task_name(t, root): t for t in todo}
+    for name, t in by_name.items():
+        assert sub is not None
+        outcomes[t.key] = Outcome(t, "submitted", job_id=sub.job_ids[name])
+    n = len(tasks)
+    for i, t in enumerate(tasks, 1):
+        log(_line(i, n, t, root, outcomes[t.key]))
+    if sub is not None and "tables" in sub.job_ids:
+        log(f"job {sub.job_ids['tables']} writes the tables once every run has ended")
+    if wait and sub is not None:
+        counter = iter(range(1, len(todo) + 1))
 
-def _last_error(path: Path, code: int) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    msg = next((ln for ln in reversed(lines) if ln.startswith("kdlab: error:")), None)
-    if msg:
-        return msg[len("kdlab: error:") :].strip()
-    tail = lines[-1] if lines else ""
-    return f"worker exited with code {code}: {tail[:200]} (log: {path})"
+        def ended(end: TaskEnd) -> None:
+            t = by_name[end.name]
+            outcomes[t.key] = outcome_of(t, end, root, outcomes)
+            log(_line(next(counter), len(todo), t, root, outcomes[t.key]))
+
+        sub.wait(on_end=ended)
+    return [outcomes[t.key] for t in tasks]

@@ -272,12 +272,13 @@ def test_temporaries_of_killed_writers_are_removed_at_the_next_start(tmp_path, f
     out = _copy(finished_run, tmp_path / "run")
     (out / "checkpoints" / ".tmp-epoch_0003-99999").mkdir()
     (out / "checkpoints" / ".tmp-epoch_0003-99999" / "state.json").write_text("{")
-    (out / ".metrics.jsonl.abc123.tmp").write_text("half")
+    (out / ".metrics.jsonl.abc12345.tmp").write_text("half")  # mkstemp's pattern: eight random characters
     (out / "notes.txt").write_text("mine")
+    (out / ".draft.tmp").write_text("mine too")  # a name of yours that merely ends in .tmp is not kdlab's
     Trainer(_cfg("train.epochs=3"), out, resume=True).run()
     assert not (out / "checkpoints" / ".tmp-epoch_0003-99999").exists()
-    assert not (out / ".metrics.jsonl.abc123.tmp").exists()
-    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".metrics.jsonl.abc12345.tmp").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".draft.tmp").read_text() == "mine too"
 
 
 # 5. --overwrite removes only what kdlab wrote --------------------------------------------------------------------

@@ -52,7 +52,8 @@ class DataConfig(_Strict):
 
     name: str = Field(
         "mnist1d",
-        description="dataset: mnist1d | cifar100 | cifar10 | synthetic | imagefolder | imagenet, or a user builder "
+        description="dataset: mnist1d | cifar100 | cifar10 | synthetic | imagefolder | imagenet | webdataset, or a "
+        "user builder "
         "package.module:function / path/to/file.py:function (needs --trust-code; kdlab.trust)",
         json_schema_extra=names_code("builder"),
     )
@@ -60,7 +61,7 @@ class DataConfig(_Strict):
         None,
         description="CIFAR: folder with train.npz/test.npz, an official cifar-*-python folder or its .tar.gz; "
         "MNIST-1D: cache folder (default: $KDLAB_CACHE or ~/.cache/kdlab); imagefolder/imagenet: folder holding "
-        "train/<class>/… and val/<class>/…",
+        "train/<class>/… and val/<class>/…; webdataset: the export folder (dataset.json, train-*.tar, val-*.tar)",
         json_schema_extra=names_folder("data folder"),
     )
     num_samples: int = Field(5000, gt=0, description="MNIST-1D / synthetic: total samples (train + test)")
@@ -88,7 +89,21 @@ class DataConfig(_Strict):
     )  # fmt: skip
     mean: tuple[float, float, float] | None = Field(None, description="streamed images: channel means")
     std: tuple[float, float, float] | None = Field(None, description="streamed images: channel stds")
-    skip_bad_images: bool = Field(False, description="imagefolder: skip and count unreadable images, do not stop")
+    skip_bad_images: bool = Field(False, description="imagefolder / webdataset: skip and count unreadable images "
+                                  "(corrupt, truncated, too large, not a regular file), do not stop")
+    decoder: str = Field("auto", description="streamed images: auto (simplejpeg when installed, else pillow) | "
+                         "pillow | simplejpeg; the same pixels, a speed choice only (kdlab.data.decode)")
+    reduced_decode: bool = Field(True, description="streamed images: decode a JPEG at the largest DCT reduction "
+                                 "(1/2, 1/4, 1/8) leaving the crop at least the output size; false: full size")
+    max_image_pixels: int = Field(1 << 28, gt=0, description="streamed images: an image declaring more pixels, "
+                                  "or a resize producing more, is refused (skipped with skip_bad_images)")
+    urls: dict[str, str | list[str]] | None = Field(
+        None, description="webdataset: shards per split, {train: URLS, val: URLS}: paths, brace patterns "
+        "(train-{000000..000099}.tar), http(s):// (curl), pipe:COMMAND (needs --trust-code); the export's "
+        "dataset.json is read from data.root, else from beside the first train shard",
+    )  # fmt: skip
+    shuffle_buffer: int = Field(1000, ge=1, description="webdataset: samples in each worker's seeded shuffle "
+                                "buffer (held encoded)")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training samples")
     max_test_samples: int | None = Field(None, gt=0, description="use only the first N test samples")
     val_split: float = Field(

@@ -16,12 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kdlab import environment
 from kdlab.config import RunConfig, load_config
 from kdlab.data import build_dataset
 from kdlab.engine import Trainer
 from kdlab.engine.atomic import atomic_write_text
 from kdlab.engine.rundir import FolderLock, entries, is_run_dir, remove_run, remove_stale_temps
 from kdlab.errors import KdlabError
+from kdlab.fileio import read_json
 
 #: the files ``kdlab demo`` writes at the top of its folder (besides the run folders teacher/ and students/*)
 DEMO_FILES = ("demo.json", "results.md", "results.png")
@@ -50,7 +52,7 @@ def recipe_path(name: str) -> Path:
 def _run_or_reuse(cfg: RunConfig, out: Path, log, **kwargs) -> dict:
     """Reuse a finished run with the same config, resume an interrupted one, or start it."""
     if (out / "summary.json").is_file() and load_config(out / "config.yaml").to_dict() == cfg.to_dict():
-        return json.loads((out / "summary.json").read_text())
+        return read_json(out / "summary.json", "json", "run summary")
     resume = is_run_dir(out)
     return Trainer(cfg, out, resume=resume, log=log, **kwargs).run().summary
 
@@ -60,6 +62,23 @@ def results_table(rows: dict[str, list[float]], teacher_acc: float) -> str:
     for name, accs in rows.items():
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(f"| student mnist1d_mlp, {name} | {statistics.mean(accs):.2f} ± {sd:.2f} | {len(accs)} |")
+    return "\n".join(lines)
+
+
+def environment_section(summaries: list[dict]) -> str:
+    """The environment the runs were computed in (``summary.json`` ``environment``, :mod:`kdlab.environment`), as a
+    markdown section; runs reused from an earlier demo in another environment are counted and pointed to."""
+    here = environment.record()
+    recorded = [s.get("environment") for s in summaries]
+    envs = [e for e in recorded if e is not None]
+    same = envs and all(e == envs[0] for e in envs)
+    lines = ["Environment (`kdlab.environment`; exact only for this environment, see the README for the spread "
+             "elsewhere):", "", environment.markdown(envs[0] if same else here)]  # fmt: skip
+    others = sum(e != here for e in envs) if not same else 0
+    unknown = len(recorded) - len(envs)
+    if others or unknown:
+        lines.append(f"- {others + unknown} of the {len(recorded)} runs were reused from a demo in another (or an "
+                     "unrecorded) environment: see their summary.json")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -142,6 +161,7 @@ def _demo(
     log(f"[demo] teacher test accuracy {teacher['final_test_acc']:.2f}% ({time.perf_counter() - t0:.0f}s)")
 
     rows: dict[str, list[float]] = {}
+    summaries: list[dict] = []
     for label, recipe in (recipes or STUDENT_RECIPES).items():
         for seed in range(seeds):
             over = quiet + [f"seed={seed}", f"train.epochs={student_epochs}"]
@@ -150,10 +170,12 @@ def _demo(
                 cfg.teacher.checkpoint = str(teacher_dir)
             run_dir = out / "students" / f"{Path(recipe).stem}_seed{seed}"
             s = _run_or_reuse(cfg, run_dir, lambda m: None, dataset=dataset)
+            summaries.append(s)
             rows.setdefault(label, []).append(s["final_test_acc"])
             log(f"[demo] {label:<16} seed {seed}: {s['final_test_acc']:.2f}% ({time.perf_counter() - t0:.0f}s)")
 
     table = results_table(rows, teacher["final_test_acc"])
+    table += "\n\n" + environment_section([teacher, *summaries])
     atomic_write_text(out / "results.md", table + "\n")
     bar_chart(rows, teacher["final_test_acc"], out / "results.png")
     print(table)

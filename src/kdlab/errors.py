@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
-import stat
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,30 +52,16 @@ def describe_os_error(err: OSError) -> str:
     return f"{what}: {' -> '.join(paths)}" if paths else what
 
 
-def _kind(path: Path) -> str:
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
+def require_file(path: str | Path, what: str, error: type[KdlabError] = KdlabError, kind: str = "text") -> Path:
+    """``path`` if it is a regular file within the size limit of ``kind``: :func:`kdlab.fileio.check_file`."""
+    from kdlab.fileio import check_file  # kdlab.fileio imports this module
+
+    return check_file(path, kind, what, error)
 
 
-def require_file(path: str | Path, what: str, error: type[KdlabError] = KdlabError) -> Path:
-    """``path`` if it is a regular file; otherwise ``error`` saying whether it is missing, a folder, a FIFO, ...
-
-    Checked before opening, so a FIFO never blocks the command.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise error(f"{what} not found: {path}")
-    raise error(f"{what} {path} is {_kind(path)}, not a file")
+def warn(message: str) -> None:
+    """One ``kdlab: warning: …`` line on stderr: shown with ``--quiet`` too (quiet silences progress, not problems)."""
+    print(f"kdlab: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -92,12 +78,13 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> KdlabError:
 
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
     """Before any work is done: ``path`` can be written as a file (not a folder, not below a file, in a writable
-    folder; an existing file only with ``--overwrite``)."""
+    folder; an existing file only with ``--overwrite``). Folders on the way that do not exist yet are created by the
+    writer when it writes (:func:`kdlab.engine.atomic.atomic_write_bytes` with ``parents=True``)."""
     path = Path(path)
     if path.is_dir():
         raise KdlabError(f"{flag} {path} is a folder; give a file name")
     if path.exists() and not overwrite:
-        raise KdlabError(f"{path} exists; pass --overwrite to replace it")
+        raise KdlabError(f"{path} already exists; pass --overwrite to replace it")
     folder = path.absolute().parent
     while not folder.exists():
         folder = folder.parent

@@ -16,11 +16,15 @@ with :func:`read_text` / :func:`read_bytes`, which never read past the limit eve
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from kdlab.errors import KdlabError
 
@@ -95,15 +99,18 @@ def _describe_mode(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_checked(path: Path, kind: str, what: str, error: type[KdlabError]) -> tuple[int, int]:
-    """Open ``path`` without blocking, check it is a regular file within the limit; return (fd, size)."""
-    limit = max_bytes(kind)
+def _open_checked(
+    path: Path, kind: str, what: str, error: type[KdlabError], bounded: bool = True
+) -> tuple[int, int]:
+    """Open ``path`` without blocking, check it is a regular file (within the limit when ``bounded``); return
+    (fd, size)."""
+    limit = max_bytes(kind) if bounded else 1 << 62
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise error(f"{what} {path} is a folder, not a file") from None
+        raise error(f"{what} {path} is a folder, not a regular file") from None
     except OSError as err:
         raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
     try:
@@ -123,6 +130,72 @@ def _open_checked(path: Path, kind: str, what: str, error: type[KdlabError]) -> 
     return fd, st.st_size
 
 
+class _BoundedRaw(io.RawIOBase):
+    """A checked descriptor read through a size bound: reading past ``limit`` bytes (a file that grew after the
+    check) raises instead of returning more. Seekable, so numpy, zipfile, tarfile and pickle can use it."""
+
+    def __init__(self, fd: int, limit: int, grew: KdlabError) -> None:
+        self._f = io.FileIO(fd, "rb", closefd=True)
+        self._limit, self._grew = limit, grew
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        room = self._limit + 1 - self._f.tell()
+        view = memoryview(buffer).cast("B")
+        n = self._f.readinto(view[: max(room, 0)] if room < len(view) else view) or 0
+        if self._f.tell() > self._limit:
+            raise self._grew
+        return n
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_binary(path: str | Path, kind: str, what: str | None = None, error: type[KdlabError] = KdlabError) -> BinaryIO:
+    """``path`` opened for reading (a regular file within the limit of ``kind``), for libraries that stream a file
+    (numpy, tarfile, the restricted unpickler). Never yields more than the limit; the caller closes it."""
+    path = Path(path)
+    what = what or f"{kind} file"
+    fd, _ = _open_checked(path, kind, what, error)
+    grew = error(f"{what} {path} grew past the {human(max_bytes(kind))} limit for {kind} files while being read")
+    return io.BufferedReader(_BoundedRaw(fd, max_bytes(kind), grew), buffer_size=1 << 20)  # type: ignore[return-value]
+
+
+def read_json(path: str | Path, kind: str = "json", what: str | None = None, error: type[KdlabError] = KdlabError) -> Any:
+    """:func:`read_text` parsed as JSON; malformed JSON is a one-line ``error`` naming the file and the line."""
+    what = what or f"{kind} file"
+    text = read_text(path, kind, what, error)
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        line = getattr(err, "lineno", None)
+        raise error(f"{what} {path} is not valid JSON" + (f" (line {line})" if line else "")) from None
+
+
+def sha256(path: str | Path, kind: str, what: str | None = None, error: type[KdlabError] = KdlabError) -> str:
+    """SHA-256 hex digest of ``path`` (a regular file within the limit of ``kind``), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open_binary(path, kind, what, error) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_file(path: str | Path, kind: str, what: str | None = None, error: type[KdlabError] = KdlabError) -> Path:
     """``path`` if it is a regular file (symlinks followed) no larger than the limit of ``kind``; else ``error``.
 
@@ -139,14 +212,22 @@ def read_bytes(path: str | Path, kind: str, what: str | None = None, error: type
     what = what or f"{kind} file"
     fd, size = _open_checked(path, kind, what, error)
     limit = max_bytes(kind)
+    grew = f"{what} {path} grew past the {human(limit)} limit for {kind} files while being read"
     try:
         with os.fdopen(fd, "rb", closefd=True) as fh:
-            data = fh.read(limit + 1)
+            data = fh.read(size)  # one read of the size fstat gave (never a buffer of the limit's size)
+            if not fh.read(1):
+                return data
+            fh.seek(len(data))  # the file grew meanwhile: read on in blocks, up to the limit
+            parts, total = [data], len(data)
+            while block := fh.read(min(1 << 20, limit + 1 - total)):
+                parts.append(block)
+                total += len(block)
+                if total > limit:
+                    raise error(grew)
+            return b"".join(parts)
     except OSError as err:
         raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
-    if len(data) > limit:
-        raise error(f"{what} {path} grew past the {human(limit)} limit for {kind} files while being read")
-    return data
 
 
 def read_text(
@@ -157,7 +238,19 @@ def read_text(
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as err:
-        raise error(f"{what or kind + ' file'} {path} is not {encoding} text (byte {err.start})") from None
+        raise error(f"{what or kind + ' file'} {path} is not {encoding.upper()} text (byte {err.start})") from None
+
+
+def read_tail(path: str | Path, kind: str, nbytes: int = 64 * _KIB, what: str | None = None,
+              error: type[KdlabError] = KdlabError) -> str:
+    """The last ``nbytes`` of a regular file, decoded leniently (for the end of a log; no size limit applies since
+    no more than ``nbytes`` are read)."""
+    path = Path(path)
+    what = what or f"{kind} file"
+    fd, size = _open_checked(path, kind, what, error, bounded=False)
+    with os.fdopen(fd, "rb", closefd=True) as fh:
+        fh.seek(max(size - nbytes, 0))
+        return fh.read(nbytes).decode("utf-8", errors="replace")
 
 
 def limits_table() -> str:

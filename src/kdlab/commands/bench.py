@@ -27,14 +27,16 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("bench", "images/s: reference KD loop vs kdlab live teacher, teacher cache and student alone", _args)
 def bench(args: argparse.Namespace) -> int:
     from kdlab.bench import format_report, run_bench
-    from kdlab.errors import KdlabError
+    from kdlab.engine.atomic import atomic_write_text
+    from kdlab.errors import KdlabError, check_output_file
 
     if (args.images is not None and args.images < args.batch_size) or args.batch_size < 1:
         raise KdlabError("--images must be at least --batch-size, and --batch-size positive")
+    if args.json:  # before minutes of benchmarking, not after (an existing file is replaced: it is a results file)
+        check_output_file(args.json, overwrite=True, flag="--json")
     res = run_bench(args.teacher, args.student, args.device, args.images, args.batch_size, args.compile,
                     args.workers, args.rounds, not args.no_bf16, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     print(format_report(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        atomic_write_text(args.json, json.dumps(res, indent=1), parents=True)
     return 0

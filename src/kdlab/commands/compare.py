@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from kdlab.cli import command
-from kdlab.errors import KdlabError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -19,14 +17,16 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("compare", "compare runs or sweeps with the paper numbers recorded in their recipes (meta.paper_top1)", _args)
 def compare(args: argparse.Namespace) -> int:
     from kdlab.engine.atomic import atomic_write_text
+    from kdlab.errors import check_output_file
     from kdlab.pipelines import compare_rows, comparison_csv, comparison_markdown
 
+    for flag, path in (("--csv", args.csv), ("--md", args.md)):
+        if path:  # before any run is read; the tables are results files, replaced when they exist
+            check_output_file(path, overwrite=True, flag=flag)
     rows = compare_rows(args.paths)
     md = comparison_markdown(rows, only_paper=args.paper_only)
     for path, text in ((args.csv, comparison_csv(rows) if args.csv else ""), (args.md, md + "\n")):
         if path:
-            if not Path(path).parent.is_dir():
-                raise KdlabError(f"folder {Path(path).parent} does not exist")
-            atomic_write_text(path, text)
+            atomic_write_text(path, text, parents=True)
     print(md)
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from kdlab.cli import command
 from kdlab.config import RunConfig
 from kdlab.errors import KdlabError
+from kdlab.launch.options import add_launcher_argument, launcher_overrides
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,13 +21,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (removes only kdlab's own files)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, build data and models, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_launcher_argument(p)
 
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     """The config of a run command: the recipe (or, with --resume, the run's config.yaml) plus overrides."""
     from kdlab.config import load_config
+    from kdlab.trust import distrust_folder
 
-    config, overrides = args.config, list(args.overrides)
+    distrust_folder(args.out, "run folder")  # code in it never counts as installed (kdlab.trust)
+    config, overrides = args.config, list(args.overrides) + launcher_overrides(args)
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `kdlab train --resume --out DIR key=value`
         config = None
@@ -36,6 +40,9 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
         config = Path(args.out) / "config.yaml"
         if not config.exists():
             raise KdlabError(f"nothing to resume: {args.out} holds no config.yaml (not a kdlab run)")
+        from kdlab.engine.resume import load_saved_config
+
+        return load_saved_config(Path(args.out), overrides)  # a damaged config.yaml: named, with its checksum
     return load_config(config, overrides)
 
 
@@ -51,6 +58,12 @@ def _run(args: argparse.Namespace, distill: bool) -> int:
         raise KdlabError(f"method '{cfg.method.name}' does not use a teacher; use `kdlab train` for it")
     if not distill and needs:
         raise KdlabError(f"method '{cfg.method.name}' needs a teacher; use `kdlab distill`")
+    if cfg.launcher.name != "local" and not args.dry_run:
+        from kdlab.pipelines.runner import submit_run
+
+        job = submit_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        print(f"submitted {args.out} as {cfg.launcher.name} job {job}; follow it with `kdlab sweep --status {args.out}`")
+        return 0
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     trainer = Trainer(cfg, args.out, resume=args.resume, overwrite=args.overwrite and not args.dry_run, log=log)
     if args.dry_run:

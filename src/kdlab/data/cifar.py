@@ -13,6 +13,7 @@ Images are kept as uint8 N×3×32×32 tensors; augmentation and normalisation ha
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, ImageAugment
 from kdlab.data.base import DATASETS, Dataset, Split
-from kdlab.errors import DataError, require_file
+from kdlab.errors import DataError
+from kdlab.fileio import open_binary
 from kdlab.safe_pickle import safe_load
 
 if TYPE_CHECKING:
@@ -120,7 +122,7 @@ def _check_npz_sizes(z: Any, path: Path) -> None:
 
 def _from_npz(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open_binary(path, "archive", "data file", DataError) as f, np.load(f, allow_pickle=False) as z:
             if not hasattr(z, "zip"):
                 raise DataError(f"{path}: not an .npz archive of arrays")
             _check_npz_sizes(z, path)
@@ -150,11 +152,11 @@ def _read_folder(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> tuple
     parts = []
     for name in files:
         path = folder / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise DataError(f"{spec.name}: missing file {path}")
-        if path.stat().st_size > MAX_MEMBER_BYTES:
+        if path.is_file() and path.stat().st_size > MAX_MEMBER_BYTES:
             raise DataError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MEMBER_BYTES} byte limit")
-        with open(path, "rb") as f:
+        with open_binary(path, "archive", f"{spec.name}: data file", DataError) as f:  # a FIFO or device: named
             try:
                 d = safe_load(f)
             except DataError as err:
@@ -163,12 +165,16 @@ def _read_folder(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> tuple
     return _concat(parts)
 
 
-def _read_archive(path: Path, spec: CifarSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _read_archive(
+    path: Path, spec: CifarSpec, what: str = "data archive"
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    f = open_binary(path, "archive", f"{spec.name}: {what}", DataError)  # a FIFO or device: named
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(fileobj=f, mode="r:*")
     except (tarfile.TarError, OSError) as err:
+        f.close()
         raise DataError(f"{path}: not a readable tar archive ({err})") from None
-    with tar:
+    with f, tar:
         members = {m.name.split("/", 1)[-1] if "/" in m.name else m.name: m for m in tar.getmembers() if m.isfile()}
 
         def read(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +203,7 @@ def read_cifar(root: str | Path, spec: CifarSpec) -> tuple[tuple[np.ndarray, np.
     if not root.exists():
         raise DataError(f"{spec.name}: data root not found: {root}")
     if not root.is_dir():
-        return _read_archive(require_file(root, f"{spec.name}: data root", DataError), spec)  # a FIFO is named
+        return _read_archive(root, spec, "data root")  # a FIFO or device is named, never read
     if (root / "train.npz").is_file() and (root / "test.npz").is_file():
         return _from_npz(root / "train.npz", spec), _from_npz(root / "test.npz", spec)
     for folder in (root, root / spec.folder):

@@ -6,9 +6,9 @@ cached on disk as ``.npz`` (no pickles) and standardised with the training set's
 
 from __future__ import annotations
 
+import io
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,8 @@ import torch
 
 from kdlab.data.augment import VectorTransform
 from kdlab.data.base import DATASETS, Dataset, Split
-from kdlab.errors import DataError
+from kdlab.errors import DataError, KdlabError
+from kdlab.fileio import open_binary
 
 if TYPE_CHECKING:
     from kdlab.config import DataConfig
@@ -57,10 +58,10 @@ def load_mnist1d(
     path = root / f"mnist1d_n{num_samples}_split{train_split:g}_seed{MNIST1D_SEED}.npz"
     arrays = None
     if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
+        try:  # read through kdlab.fileio: a regular file within KDLAB_MAX_BYTES_ARCHIVE
+            with open_binary(path, "archive", "MNIST-1D cache", DataError) as f, np.load(f, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
-        except Exception:  # a damaged cache is regenerated, never trusted
+        except Exception:  # a damaged (or oversized) cache is regenerated, never trusted
             arrays = None
     if arrays is None:
         if num_samples < 20:  # the generator makes num_samples // 10 samples per class
@@ -68,14 +69,13 @@ def load_mnist1d(
         arrays = generate_mnist1d(num_samples, train_split)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            from kdlab.engine.atomic import chmod_like_open  # lazily: kdlab.engine imports kdlab.data
+            from kdlab.engine.atomic import atomic_write_bytes, remove_stale_temps_of  # lazily: engine imports data
 
-            fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as f:
-                chmod_like_open(fd)  # a shared cache folder: readable as the umask allows, not 0600
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except OSError:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            remove_stale_temps_of(path)  # those of killed writers (a live writer's stay: kdlab.engine.atomic)
+            atomic_write_bytes(path, buf.getvalue())
+        except (OSError, KdlabError):
             pass  # caching is an optimisation; an unwritable cache folder is not an error
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     x_test = torch.from_numpy(arrays["x_test"].astype(np.float32))

@@ -27,7 +27,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from kdlab.engine.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
-from kdlab.errors import CheckpointError, WriteError, require_file
+from kdlab.errors import CheckpointError, WriteError
+from kdlab.fileio import check_file, read_bytes, read_json
 
 FORMAT = "kdlab-checkpoint-v1"
 #: safetensors header entry holding the copy of ``state.json`` (without ``tensors_sha256``)
@@ -49,10 +50,14 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (never a pickle) with a one-line error when it is missing or damaged."""
-    path = require_file(path, "checkpoint", CheckpointError)  # a folder or FIFO is named as such
+    """Read a safetensors file (never a pickle) with a one-line error when it is missing or damaged; a folder, FIFO
+    or device is named as such and the size is bounded (``KDLAB_MAX_BYTES_CHECKPOINT``, :mod:`kdlab.fileio`)."""
+    return _parse_weights(read_bytes(path, "checkpoint", "checkpoint", CheckpointError), path)
+
+
+def _parse_weights(data: bytes, path: str | Path) -> dict[str, torch.Tensor]:
     try:
-        return st_load(path.read_bytes())
+        return st_load(data)
     except Exception as err:  # safetensors raises several types for damaged files
         raise CheckpointError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err})") from None
 
@@ -65,7 +70,7 @@ def resolve_weights_path(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} is a folder without model.safetensors (is it a finished kdlab run?)")
-    return require_file(path, "checkpoint", CheckpointError)
+    return check_file(path, "checkpoint", "checkpoint", CheckpointError)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
@@ -178,28 +183,26 @@ def verify_checkpoint(path: Path) -> TrainState:
     from kdlab.engine.resume import first_difference
 
     meta_path, tensor_path = path / "state.json", path / "state.safetensors"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{meta_path}: unreadable ({type(err).__name__})") from None
+    meta = read_json(meta_path, "json", "checkpoint state", CheckpointError)  # bounded; a FIFO or device is refused
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a kdlab checkpoint")
-    try:
-        data = tensor_path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"{tensor_path}: unreadable ({err.strerror or type(err).__name__})") from None
+    data = read_bytes(tensor_path, "checkpoint", "checkpoint tensors", CheckpointError)
     if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensor_path}: checksum mismatch (truncated or corrupted)")
     record = _header_metadata(data).get(META_KEY)
     if record is not None:  # checkpoints written before kdlab kept the copy have none
         ours = {k: v for k, v in meta.items() if k != "tensors_sha256"}
-        diff = first_difference(json.loads(record), ours, frozenset())
+        try:
+            recorded = json.loads(record)
+        except ValueError:
+            raise CheckpointError(f"{tensor_path}: damaged state record in its header") from None
+        diff = first_difference(recorded, ours, frozenset())
         if diff is not None:
             raise EditedCheckpointError(
                 f"{meta_path} was edited by hand: '{diff}' differs from the record in its checksummed "
                 f"{tensor_path.name}; restore it (or delete this checkpoint folder to resume from an earlier one)"
             )
-    return TrainState(load_weights_file(tensor_path), meta)
+    return TrainState(_parse_weights(data, tensor_path), meta)
 
 
 def find_latest(ckpt_dir: Path) -> tuple[TrainState | None, list[str]]:

@@ -23,15 +23,22 @@ asynchronously into pinned host buffers and written once per view, never synchro
 ``logits.{v}`` (full) or ``logits.topv.{v}``, ``logits.topi.{v}``, ``logits.affine.{v}`` [, ``logits.q.{v}``]
 (topk), and optionally ``pooled.{v}`` / ``prepool.{v}`` in ``dtype``; the metadata records what the cache was made
 from and is checked before use.
+
+Integrity (format v2): the header metadata ``kdlab.sha256`` holds the SHA-256 of every :data:`CHUNK_BYTES` chunk of
+every tensor and of the header itself (with those digests blanked). The header is verified when the cache is opened;
+each tensor's chunks are verified as its view is loaded for replay, so a large cache is checked while it streams,
+never in a separate pass. One changed byte anywhere is a one-line :class:`~kdlab.errors.CheckpointError` naming the
+file (exit code 2). Caches written before checksums existed (v1) are refused with a message to rebuild them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,15 +51,25 @@ from safetensors import safe_open
 from torch import nn
 
 from kdlab.data.base import DataSource
-from kdlab.engine.atomic import chmod_like_open, fsync_dir
-from kdlab.errors import CheckpointError, ConfigError, DataError, WriteError, require_file
+from kdlab.engine.atomic import chmod_like_open, fsync_dir, new_temp, remove_stale_temps_of
+from kdlab.errors import CheckpointError, ConfigError, DataError, WriteError
+from kdlab.fileio import check_file, open_binary
 from kdlab.models import ModelOutput
 from kdlab.models.fold import frozen_features
+from kdlab.models.output import STAGE_FIELDS
 
 if TYPE_CHECKING:
     from kdlab.engine.fastpath import FastPath
 
-FORMAT = "kdlab-teacher-cache-v1"
+FORMAT = "kdlab-teacher-cache-v2"
+OLD_FORMATS = ("kdlab-teacher-cache-v1",)  # no checksums: refused with a message to rebuild
+#: bytes per checksummed chunk of a tensor
+CHUNK_BYTES = 16 << 20
+#: header metadata entry holding the checksums (JSON: chunk size, header digest, per-tensor chunk digests)
+SUMS_KEY = "kdlab.sha256"
+_ZERO = "0" * 64
+_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_HEADER = 100 << 20  # safetensors' own limit
 FIELDS = ("logits", "pooled", "prepool")
 STORES = ("auto", "full", "topk")
 FULL_MAX_CLASSES = 200
@@ -120,8 +137,20 @@ def decompress_logits(parts: dict[str, torch.Tensor], num_classes: int, tail_bit
 # writing
 
 
-class _ViewWriter:
-    """A safetensors file written view by view: the header (all shapes are known after view 0) then raw bytes."""
+def _chunk_digests(data: memoryview, chunk: int) -> list[str]:
+    """SHA-256 hex digests of consecutive ``chunk``-byte slices of ``data`` (one empty digest for no bytes)."""
+    return [hashlib.sha256(data[i : i + chunk]).hexdigest() for i in range(0, max(len(data), 1), chunk)]
+
+
+def _blank_sums(text: str) -> str:
+    """The checksum entry with every digest replaced by zeros (what the header digest is computed over)."""
+    return _HEX.sub(_ZERO, text)
+
+
+class CacheWriter:
+    """A checksummed safetensors file written tensor by tensor (the header first, all shapes being known, then raw
+    bytes in header order); the chunk digests are computed as the bytes go out and written into the header's
+    reserved checksum entry at :meth:`finish`, just before the file is renamed into place."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path, self.meta = path, meta
@@ -131,29 +160,51 @@ class _ViewWriter:
     def start(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
         header: dict[str, Any] = {}
         offset = 0
+        self._order: list[tuple[str, int]] = []
         for name, dtype, shape in layout:
             size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._order.append((name, size))
             offset += size
-        header["__metadata__"] = {"kdlab": json.dumps(self.meta)}
+        self._sums: dict[str, Any] = {"chunk": CHUNK_BYTES, "header": _ZERO, "tensors": {
+            name: [_ZERO] * max(1, -(-size // CHUNK_BYTES)) for name, size in self._order}}  # fmt: skip
+        blank = json.dumps(self._sums, separators=(",", ":"))
+        header["__metadata__"] = {"kdlab": json.dumps(self.meta), SUMS_KEY: blank}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._header = struct.pack("<Q", len(raw)) + raw
+        self._blank = json.dumps(blank).encode()  # the entry as it appears inside the header (a quoted string)
+        self._at = self._header.index(self._blank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # checked writable beforehand (check_output_file)
+        fd, self.tmp = new_temp(self.path)  # locked while written: a later cleaner never takes it for a dead one's
         self.f = os.fdopen(fd, "wb")
         chmod_like_open(fd)  # a shared cache is readable like any file the user writes (not mkstemp's 0600)
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.f.write(self._header)
+        self._next = 0
 
     def write(self, t: torch.Tensor) -> None:
         assert self.f is not None
-        self.f.write(memoryview(t.contiguous().view(torch.uint8).numpy().reshape(-1)))
+        name, size = self._order[self._next]
+        data = memoryview(t.contiguous().view(torch.uint8).numpy().reshape(-1))
+        if len(data) != size:
+            raise ValueError(f"tensor {name}: {len(data)} bytes, the header says {size}")
+        self._sums["tensors"][name] = _chunk_digests(data, self._sums["chunk"])
+        self.f.write(data)
+        self._next += 1
 
     def finish(self) -> None:
         assert self.f is not None and self.tmp is not None
+        self._sums["header"] = hashlib.sha256(self._header).hexdigest()  # taken with the digests blanked
+        filled = json.dumps(json.dumps(self._sums, separators=(",", ":"))).encode()
+        assert len(filled) == len(self._blank)
+        self.f.seek(self._at)
+        self.f.write(filled)
         self.f.flush()
         os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        os.replace(self.tmp, self.path)  # still locked until closed below
         self.tmp = None
+        self.f.close()
+        self.f = None
         fsync_dir(self.path.parent)
 
     def abort(self) -> None:
@@ -164,6 +215,22 @@ class _ViewWriter:
                 os.unlink(self.tmp)
             except OSError:
                 pass
+
+
+def cache_refusal(method_name: str, method: Any) -> str | None:
+    """Why a teacher cache cannot serve the method ``method_name`` (a :class:`kdlab.methods.Method`), as a one-line
+    message, or ``None`` when it can: the method reads stage features, which a cache does not hold, or runs the
+    teacher's BatchNorms on each batch's statistics (``method.teacher_bn=train``), which depend on the batch's
+    composition and cannot be replayed."""
+    stage_fields = sorted(set(method.teacher_outputs) & set(STAGE_FIELDS))
+    if stage_fields:
+        return (f"method '{method_name}' reads the teacher's {stage_fields[0]}, which a teacher cache does not hold; "
+                "unset teacher.cache (the teacher then runs live)")  # fmt: skip
+    if getattr(method, "teacher_bn", "eval") == "train":
+        return (f"method '{method_name}' runs the teacher's BatchNorms on each batch's statistics "
+                "(method.teacher_bn=train, as released), which a teacher cache cannot replay; unset teacher.cache, "
+                "or set method.teacher_bn=eval")  # fmt: skip
+    return None
 
 
 def check_store(store: str, topk: int = DEFAULT_TOPK, tail_bits: int = DEFAULT_TAIL_BITS) -> None:
@@ -230,7 +297,8 @@ def build_cache(
     if store == "topk":
         info.update(topk=min(topk, data.num_classes - 1), tail_bits=tail_bits)
     out = Path(out)
-    writer = _ViewWriter(out, info)
+    remove_stale_temps_of(out)  # `.NAME.XXXXXXXX.tmp` of killed writers of this file (a live writer's is kept)
+    writer = CacheWriter(out, info)
     buffers: dict[str, torch.Tensor] = {}
     pin = False
     try:
@@ -288,18 +356,62 @@ def _parts(out: ModelOutput, fields: tuple[str, ...], store: str, dtype: torch.d
 # replay
 
 
+def read_cache_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The kdlab metadata and checksum record of a teacher cache, after checking the header against its SHA-256.
+
+    Anything wrong — not a safetensors header, no kdlab metadata, an older format without checksums, a changed
+    header byte — is a one-line :class:`~kdlab.errors.CheckpointError` naming the file."""
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a usable kdlab teacher cache: {why}")
+
+    with open_binary(path, "cache", "teacher cache", CheckpointError) as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        size = os.fstat(f.fileno()).st_size
+        if n < 2 or n > min(_MAX_HEADER, size - 8):
+            raise refuse("no safetensors header (truncated or not a cache)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        stored = header["__metadata__"]
+        meta = json.loads(stored["kdlab"])
+    except (ValueError, KeyError, TypeError):
+        raise refuse("damaged header (its metadata does not parse)") from None
+    if not isinstance(meta, dict):
+        raise refuse("damaged header (its metadata does not parse)")
+    if meta.get("format") in OLD_FORMATS:
+        raise CheckpointError(f"teacher cache {path} was made by an older kdlab without checksums; rebuild it with "
+                              "kdlab cache-teacher (same arguments)")  # fmt: skip
+    if meta.get("format") != FORMAT:
+        raise refuse(f"format {meta.get('format')!r}")
+    text = stored.get(SUMS_KEY)
+    try:
+        sums = json.loads(text)
+        ok = isinstance(sums["chunk"], int) and sums["chunk"] > 0 and isinstance(sums["tensors"], dict)
+        blank = json.dumps(_blank_sums(text)).encode()
+        at = raw.index(json.dumps(text).encode())
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise refuse("damaged header (its checksum record does not parse)")
+    signed = head + raw[:at] + blank + raw[at + len(blank) :]
+    if hashlib.sha256(signed).hexdigest() != sums["header"]:
+        raise CheckpointError(f"teacher cache {path} is damaged: its header does not match its recorded SHA-256; "
+                              "rebuild it with kdlab cache-teacher")  # fmt: skip
+    return meta, sums
+
+
 class TeacherCache:
     """A cache opened for replay: ``outputs(epoch, index)`` gives the teacher's outputs for a batch."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        self.path = require_file(path, "teacher cache", CheckpointError)  # missing, a folder or a FIFO: named
+        self.path = check_file(path, "cache", "teacher cache", CheckpointError)  # missing, a folder, FIFO or device
+        meta, self._sums = read_cache_header(self.path)
         try:
             self._file = safe_open(str(self.path), framework="pt", device="cpu")
-            meta = json.loads((self._file.metadata() or {})["kdlab"])
         except Exception as err:
-            raise CheckpointError(f"{self.path} is not a kdlab teacher cache ({type(err).__name__})") from None
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{self.path} is not a kdlab teacher cache (format {meta.get('format')!r})")
+            raise CheckpointError(f"{self.path} is not a readable teacher cache ({type(err).__name__})") from None
         counts = {k: meta.get(k) for k in ("views", "num_samples", "num_classes")}
         bad = next((k for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1), None)
         if bad is not None or not isinstance(meta.get("augment_seed"), int) or not isinstance(meta.get("fields"), list):
@@ -311,6 +423,21 @@ class TeacherCache:
         self.device = torch.device(device)
         self._view = -1
         self._tensors: dict[str, torch.Tensor] = {}
+
+    def _verified(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` read from the file, each chunk checked against its recorded SHA-256."""
+        t = self._file.get_tensor(name)
+        want = self._sums["tensors"].get(name)
+        data = memoryview(t.contiguous().view(torch.uint8).numpy().reshape(-1))
+        got = _chunk_digests(data, self._sums["chunk"])
+        if want != got:
+            bad = next((i for i, (a, b) in enumerate(zip(want or [], got)) if a != b), len(want or []))
+            first, last = bad * self._sums["chunk"], min((bad + 1) * self._sums["chunk"], len(data))
+            raise CheckpointError(
+                f"teacher cache {self.path} is damaged: bytes {first}-{last} of tensor '{name}' do not match their "
+                "recorded SHA-256; rebuild it with kdlab cache-teacher"
+            )
+        return t
 
     def check(self, data: DataSource, teacher_fingerprint: str | None, needs: tuple[str, ...]) -> None:
         """Refuse a cache made for other data, another teacher, or lacking outputs the method needs."""
@@ -338,7 +465,7 @@ class TeacherCache:
         v = self.view_of(epoch)
         if v != self._view:  # load one view at a time onto the training device (names: ``<field>[.<part>].<view>``)
             names = [k for k in self._file.keys() if k.rsplit(".", 1)[1] == str(v)]
-            self._tensors = {k.rsplit(".", 1)[0]: self._file.get_tensor(k).to(self.device) for k in names}
+            self._tensors = {k.rsplit(".", 1)[0]: self._verified(k).to(self.device) for k in names}
             self._view = v
         got: dict[str, torch.Tensor] = {}
         for f in self.info.fields:

@@ -167,14 +167,9 @@ class MlflowTracker(Tracker):
 
 def _last_epoch(run_dir: Path) -> int:
     """The last epoch kept in ``metrics.jsonl`` (rows after the last checkpoint are already dropped on resume)."""
-    path = run_dir / "metrics.jsonl"
-    epochs = [0]
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            epochs.append(int(json.loads(line)["epoch"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return max(epochs)
+    from kdlab.engine.rundir import read_metrics
+
+    return max([0, *(row["epoch"] for row in read_metrics(run_dir))])
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kdlab import environment
 from kdlab.config import RunConfig, save_config
 from kdlab.data import DataSource, build_dataset
 from kdlab.data.loader import num_batches
@@ -34,14 +35,14 @@ from kdlab.engine.resume import (
 )
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run, open_run_folder
 from kdlab.engine.schedule import lr_at
-from kdlab.engine.teacher_cache import TeacherCache
+from kdlab.engine.teacher_cache import TeacherCache, cache_refusal
 from kdlab.engine.teachers import load_teacher, teacher_fingerprint
 from kdlab.engine.progress import epoch_line, show_running_losses
 from kdlab.engine.trackers import build_trackers
 from kdlab.errors import ConfigError, KdlabError, warn
 from kdlab.methods import Method, build_method
 from kdlab.models import ModelOutput, build, num_params
-from kdlab.models.output import STAGE_FIELDS, keep_fields
+from kdlab.models.output import keep_fields
 from kdlab.seeding import derive_seed, seed_everything
 from kdlab.trust import code_names, trusted_among
 
@@ -208,10 +209,9 @@ class Trainer:
         self.augment_seed = cfg.seed if cfg.data.augment_seed is None else cfg.data.augment_seed
         if self.teacher is None or cfg.teacher is None or not cfg.teacher.cache:
             return
-        stage_fields = set(self.method.teacher_outputs) & set(STAGE_FIELDS)
-        if stage_fields:
-            raise ConfigError(f"method '{cfg.method.name}' reads the teacher's {sorted(stage_fields)[0]}, which a "
-                              "teacher cache does not hold; unset teacher.cache (the teacher then runs live)")  # fmt: skip
+        refusal = cache_refusal(cfg.method.name, self.method)  # stage features, or batch statistics
+        if refusal:
+            raise ConfigError(refusal)
         self.cache = TeacherCache(cfg.teacher.cache, self.device)
         self.cache.check(self.data, teacher_fingerprint(cfg.teacher), self.method.teacher_outputs)
         check_cache_inputs(self.cache.info.meta.get("data"), cfg.data, cfg.teacher.cache)
@@ -238,7 +238,8 @@ class Trainer:
         self._teacher_fwd = None
         if self.teacher is not None:  # BatchNorm folded; under bf16/fp16 weights in that dtype
             assert self.cfg.teacher is not None
-            self._teacher_fwd, note = self.fast.frozen_forward(self.teacher, example, self.cfg.teacher.fold_bn)
+            self._teacher_fwd, note = self.fast.frozen_forward(self.teacher, example, self.cfg.teacher.fold_bn,
+                                                               self.method.teacher_bn)  # fmt: skip
             self.log(f"teacher forward: {note}")
         student_fwd = self.fast.maybe_compile(self.student.forward_features)
         self.objective: nn.Module = Objective(self.student, self.method, student_fwd)
@@ -277,10 +278,12 @@ class Trainer:
         return evaluate_split(predict, self.data, split, self.cfg.train.eval_batch_size)
 
     @torch.inference_mode()
-    def _teacher_forward(self, x: torch.Tensor) -> ModelOutput:
-        assert self._teacher_fwd is not None
+    def _teacher_forward(self, x: torch.Tensor, eval_bn: bool = False) -> ModelOutput:
+        assert self._teacher_fwd is not None and self.teacher is not None
+        # the teacher's accuracy is its eval-mode one, also when training reads batch statistics (method.teacher_bn)
+        fwd = self.teacher.forward_features if eval_bn and self.method.teacher_bn == "train" else self._teacher_fwd
         with self._autocast():
-            return self._teacher_fwd(self.fast.inputs(x))
+            return fwd(self.fast.inputs(x))
 
     def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> ModelOutput:
         """The teacher's outputs for a training batch: replayed from the cache, or a live forward."""
@@ -491,6 +494,7 @@ class Trainer:
             "train_images_per_s": round(imgs / train_time, 1) if train_time else None,
             "device": str(self.device),
             "world_size": self.dist.world,
+            "environment": environment.record(),  # packages, CPU and ISA, threads, torch build (kdlab.environment)
         }
         if "val" in finals:  # which split each number used: test_* never saw tuning, val_* is held out of train
             if sel == "val":
@@ -533,7 +537,8 @@ class Trainer:
     def _teacher_accuracy(self) -> tuple[float, float]:
         """The teacher's top-1 and top-5 accuracy (%) on the split choosing the best epoch (test, or val)."""
         ev = evaluate_split(
-            lambda x: self._teacher_forward(x).logits, self.data, self.eval_splits[0], self.cfg.train.eval_batch_size
+            lambda x: self._teacher_forward(x, eval_bn=True).logits, self.data, self.eval_splits[0],
+            self.cfg.train.eval_batch_size,
         )
         return ev["acc"], ev["top5"]
 

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdlab.engine.rundir import read_metrics
 from kdlab.errors import KdlabError
+from kdlab.fileio import read_json
 from kdlab.instruments import plots
 from kdlab.instruments.alignment import alignment_loss_correlation, check_same_shape, classifier_alignment
 from kdlab.instruments.distances import feature_norm, logit_distance, pdf
@@ -41,19 +43,6 @@ from kdlab.instruments.theory import theory_checks
 ANALYSIS_DIR = "analysis"
 SUMMARY = "summary.json"
 FORMAT = "kdlab-analysis-v1"
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Rows of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    rows: list[dict[str, Any]] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
 
 
 def method_label(cfg: Any) -> str:
@@ -97,9 +86,11 @@ def resolve_teacher(cfg: Any, teacher: str | Path | None, teacher_arch: str | No
             )
         if isinstance(spec, str):
             from kdlab.models import MODELS
-            from kdlab.models.taps import is_user_model
+            from kdlab.models.taps import is_user_model, resolve_user_class
 
-            if not is_user_model(spec):
+            if is_user_model(spec):
+                resolve_user_class(spec, what="--teacher-arch")  # trust decided now (kdlab.trust)
+            else:
                 MODELS.get(spec)  # one-line error with a suggestion
         name = str(getattr(spec, "name", spec))
         return TeacherChoice(name, str(weights), spec, lambda k: _load_model(spec, weights, k, "teacher weights"))
@@ -277,11 +268,8 @@ def _measure(
     figures: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     run_summary = None
-    if (run_dir / "summary.json").is_file():
-        try:
-            run_summary = json.loads((run_dir / "summary.json").read_text())
-        except ValueError:
-            run_summary = None
+    if os.path.lexists(run_dir / "summary.json"):  # bounded; a damaged one is a one-line error naming it
+        run_summary = read_json(run_dir / "summary.json", "json", "run summary")
 
     def acc(o: Outputs) -> float:
         return 100.0 * float((o.logits.argmax(1) == o.labels).double().mean())

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.errors import KdlabError
+from kdlab.engine.rundir import read_metrics
+from kdlab.errors import KdlabError, check_output_file
+from kdlab.fileio import read_bytes, read_json
 from kdlab.instruments import plots
 from kdlab.instruments.analysis import ANALYSIS_DIR, SUMMARY
 from kdlab.instruments.logit_stats import Histogram
@@ -32,10 +34,10 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / ANALYSIS_DIR / SUMMARY
     if not path.is_file():
         raise KdlabError(f"{run_dir} has no {ANALYSIS_DIR}/{SUMMARY}: run `kdlab analyze {run_dir}` first")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise KdlabError(f"{path} is not valid JSON; rerun `kdlab analyze {run_dir} --overwrite`") from None
+    summary = read_json(path, "json", "analysis summary")
+    if not isinstance(summary, dict):
+        raise KdlabError(f"{path} is not an analysis summary; rerun `kdlab analyze {run_dir} --overwrite`")
+    return summary
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -81,7 +83,7 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = base64.b64encode(read_bytes(path, "image", "figure")).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/></figure>'
 
 
@@ -157,19 +159,6 @@ def metric_runs(run_dirs: Sequence[str | Path]) -> dict[Path, str]:
     return found
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` (a torn last line of a run being written is skipped)."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "epoch" in row:
-            rows.append(row)
-    return rows
-
-
 def learning_curves_html(runs: dict[Path, str], tmp: Path) -> str:
     """The learning-curves section: per run (folder → label), accuracy and loss terms against epoch and the live
     instruments' scalars (``instruments:`` in its config), all read from ``metrics.jsonl``; no ``kdlab analyze``."""
@@ -212,13 +201,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
     """Write the comparison page for ``run_dirs`` to ``out`` (refuses to replace an existing file unless asked)."""
     if not run_dirs:
         raise KdlabError("report needs at least one run directory")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise KdlabError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_file():
-        raise KdlabError(f"{out} exists and is not a file")
-    if not out.parent.is_dir():
-        raise KdlabError(f"folder {out.parent} does not exist")
+    out = check_output_file(out, overwrite)  # before any run is read
     from kdlab.pipelines.compare import compare_rows, comparison_records
 
     # runs analysed with `kdlab analyze` get the instrument sections; every run or sweep folder gets a row in the
@@ -292,8 +275,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
                 for who, v in init.items()
             ]))  # fmt: skip
         base = Path(d) / ANALYSIS_DIR
-        imgs = [base / f["file"] for f in s["figures"].values() if (base / f["file"]).is_file()]
+        names = [f.get("file") for f in s["figures"].values() if isinstance(f, dict)]
+        # a figure is a file of the analysis folder itself: a name with a path in it is not read into the page
+        imgs = [base / n for n in names if isinstance(n, str) and Path(n).name == n and (base / n).is_file()]
         parts.append("<div class='grid'>" + "".join(_img(p, f"{s['name']} {p.stem}") for p in imgs) + "</div>")
     parts.append("</body></html>")
-    atomic_write_text(out, "\n".join(parts))
+    atomic_write_text(out, "\n".join(parts), parents=True)
     return out

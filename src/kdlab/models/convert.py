@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from kdlab.errors import CheckpointError, KdlabError, require_file
+from kdlab.errors import CheckpointError, KdlabError
+from kdlab.fileio import open_binary
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _STATE_KEYS = ("model", "state_dict", "net")
@@ -45,9 +46,10 @@ def safe_torch_load(path: str | Path) -> Any:
     Raises :class:`CheckpointError` when the file is missing, is not a PyTorch file, or pickles any other object
     (the object is never constructed: PyTorch's weights-only unpickler stops at its global).
     """
-    path = require_file(path, "checkpoint", CheckpointError)  # a folder or FIFO is named as such
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    try:  # a regular file within KDLAB_MAX_BYTES_CHECKPOINT (a folder, FIFO or device is named as such)
+        with open_binary(path, "checkpoint", "checkpoint", CheckpointError) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         m = _GLOBAL.search(text)
@@ -64,6 +66,8 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(
             f"{path}: refused to unpickle '{what}': kdlab reads only tensors and plain containers, never code{hint}"
         ) from None
+    except KdlabError:
+        raise
     except Exception as err:  # zip/legacy parsing errors of non-PyTorch files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 

@@ -5,6 +5,7 @@ import pytest
 
 from kdlab.cli import main
 from kdlab.engine import checkpoint as ck
+from kdlab.trust import set_trust
 
 from conftest import CONFIGS, SMALL, run_kdlab
 
@@ -124,6 +125,70 @@ def _cache_file(tmp_path, **meta):
     path = tmp_path / "cache.safetensors"
     save_file({"logits.0": torch.zeros(800, 10)}, str(path), metadata={"kdlab": json.dumps(dict(info, **meta))})
     return path
+
+
+USER_DATA = """
+import torch
+from torch.utils.data import Dataset
+
+def _pair(bad):
+    x, y = torch.linspace(-1, 1, 4000).reshape(100, 40), torch.arange(100) % 10
+    if bad == "float labels":
+        y = y + 0.5 * (torch.arange(100) == 13)  # train sample 13: 3.5
+    if bad == "2-D labels":
+        y = y[:, None]
+    if bad == "label 10":
+        y[85] = 10  # test sample 5
+    if bad == "nan":
+        x[7, 3] = float("nan")
+    if bad == "inf in test":
+        x[83, 0] = float("inf")  # test sample 3
+    return {"train": (x[:80], y[:80]), "test": (x[80:], y[80:]), "num_classes": 10}
+
+class Items(Dataset):
+    def __init__(self, bad=None):
+        self.bad = bad
+    def __len__(self):
+        return 20
+    def __getitem__(self, i):
+        x, y = torch.zeros(40), i % 10
+        if i == 6 and self.bad == "shape":
+            x = torch.zeros(41)
+        if i == 6 and self.bad == "vector label":
+            y = torch.tensor([1, 0])
+        if i == 6 and self.bad == "float label":
+            y = 2.5
+        if i == 6 and self.bad == "inf":
+            x[5] = float("inf")
+        return x, y
+
+def build(cfg):
+    bad = cfg.root.rsplit("/", 1)[-1].replace("_", " ")
+    if bad.startswith("streamed "):
+        split, what = bad[len("streamed "):].split(" ", 1)
+        return {"train": Items(what if split == "train" else None), "test": Items(what if split == "test" else None),
+                "num_classes": 10}
+    return _pair(bad)
+"""
+
+
+def _user_data(tmp_path, bad):
+    """``data.name=…:build data.root=…/<bad>``: a user dataset builder (run with --trust-code) whose data is ``bad``."""
+    path = tmp_path / "user_data.py"
+    path.write_text(USER_DATA)
+    return [f"data.name={path}:build", f"data.root={tmp_path / bad.replace(' ', '_')}", "data.workers=0", "--trust-code"]
+
+
+def _downloaded_run(tmp_path):
+    """A run folder whose config.yaml names a .py file shipped in it (``RUN/evil.py:Net``), with weights."""
+    import torch
+
+    run = tmp_path / "downloaded"
+    run.mkdir()
+    _file(run, "evil.py", "raise SystemExit('imported')")
+    _file(run, "config.yaml", f"model: {{name: {run / 'evil.py'}:Net, classifier: fc}}\n")
+    ck.save_weights(run / "model.safetensors", {"fc.weight": torch.zeros(10, 40)})
+    return run
 
 
 EVIL_PICKLE = b"cos\nsystem\n(S'true'\ntR."  # os.system('true') when unpickled naively
@@ -303,6 +368,30 @@ CASES = {
     "demo zero seeds": (lambda t: ["demo", "--seeds", "0", "--out", t / "d"], "--seeds: must be a positive integer, got 0"),
     "demo word for a number": (lambda t: ["demo", "--teacher-epochs", "ten", "--out", t / "d"], "must be a positive integer, got 'ten'"),
     "keys of an unknown group": (lambda t: ["keys", "extra"], "unknown key group 'extra'"),
+    # -- round three: code trust and user datasets (issue 19 §1, §4)
+    "data.name .py builder without --trust-code": (lambda t: ["train", CE, _user_data(t, "none")[0], "--out", RUN, "--overwrite"],
+                                                   "names code in a Python file; kdlab imports it only with --trust-code"),
+    "model.name .py nn.Module without --trust-code": (lambda t: ["train", CE, f"model.name={_file(t, 'net.py', 'x = 1')}:Net", "model.classifier=fc",
+                                                                 "--out", RUN, "--overwrite"], "model.name '"),
+    "eval: a run folder's config names its own .py": (lambda t: ["eval", _downloaded_run(t)], "model.name '"),
+    "user data: float labels": (lambda t: ["train", CE, *_user_data(t, "float labels"), "--out", RUN, "--overwrite"],
+                                "train split sample 13: label 3.5 is not an integer class index (kdlab does not round labels)"),
+    "user data: 2-D labels": (lambda t: ["train", CE, *_user_data(t, "2-D labels"), "--out", RUN, "--overwrite"],
+                              "train split: labels must be 1-D (one class index per sample), got shape (80, 1)"),
+    "user data: label = num_classes": (lambda t: ["train", CE, *_user_data(t, "label 10"), "--out", RUN, "--overwrite"],
+                                       "test split sample 5: label 10 is outside [0, 10)"),
+    "user data: NaN input": (lambda t: ["train", CE, *_user_data(t, "nan"), "--out", RUN, "--overwrite"],
+                             "train split sample 7: input is not finite (nan)"),
+    "user data: inf in the test split": (lambda t: ["train", CE, *_user_data(t, "inf in test"), "--out", RUN, "--overwrite"],
+                                         "test split sample 3: input is not finite (inf)"),
+    "user Dataset: items of two shapes": (lambda t: ["train", CE, *_user_data(t, "streamed train shape"), "--out", t / "o"],
+                                          "train split sample 6: input shape (41,) differs from (40,)"),
+    "user Dataset: a vector label": (lambda t: ["train", CE, *_user_data(t, "streamed train vector label"), "--out", t / "o"],
+                                     "train split sample 6: label has shape (2,), expected a single class index"),
+    "user Dataset: float label": (lambda t: ["train", CE, *_user_data(t, "streamed train float label"), "--out", t / "o"],
+                                  "train split sample 6: label 2.5 is not an integer class index"),
+    "user Dataset: inf in the test split": (lambda t: ["train", CE, *_user_data(t, "streamed test inf"), "--out", t / "o"],
+                                            "test split sample 6: input is not finite (inf)"),
 }  # fmt: skip
 
 
@@ -317,7 +406,10 @@ def test_bad_input_one_line_exit_2_and_nothing_touched(case, tmp_path, existing_
         args = [*args[:2], *SMALL, *args[2:], "--quiet"]  # the case's own overrides win
     before = _snapshot(existing_run)
     capsys.readouterr()
-    code = main(args)
+    try:
+        code = main(args)
+    finally:
+        set_trust(None)  # a case's --trust-code holds for that case only
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("kdlab: error: "), err

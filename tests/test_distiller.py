@@ -49,6 +49,7 @@ def test_first_batch_terms_equal_cli(method: str, params: dict, tmp_path: Path) 
     from kdlab.engine.checkpoint import save_weights
     from kdlab.models.taps import TappedModel
     from kdlab.seeding import derive_seed, seed_everything
+    from kdlab.trust import trusting
 
     ex = _example()
     torch.manual_seed(123)
@@ -62,10 +63,11 @@ def test_first_batch_terms_equal_cli(method: str, params: dict, tmp_path: Path) 
         "method": {"name": method, **params},
         "train": {"epochs": 1, "batch_size": 800, "progress": False, "threads": 1},
     })  # fmt: skip
-    assert main(["distill", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    with trusting():  # the recipe names the example's .py file: imported only with --trust-code (kdlab.trust)
+        assert main(["distill", str(recipe), "--out", str(tmp_path / "run"), "--quiet", "--trust-code"]) == 0
+        data = build_dataset(load_config(recipe).data)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
 
-    data = build_dataset(load_config(recipe).data)
     seed_everything(derive_seed(0, "init"))  # the engine's student initialisation for seed 0
     student = ex.Student(num_classes=10)
     fresh = ex.Teacher()
@@ -94,7 +96,7 @@ def test_parameters_cover_connector_not_teacher() -> None:
 
     student, teacher, x = _Net(), _Net(32), torch.randn(6, 8)
     d = Distiller(student, teacher, "fitnet", student_taps={"classifier": "out", "features": "body"},
-                  teacher_taps={"classifier": "out", "features": "body"})  # fmt: skip
+                  teacher_taps={"classifier": "out", "features": "body"}, hint_layer=None)  # fmt: skip
     with pytest.raises(ConfigError, match=r"call distiller.setup\(first_batch_x\) before distiller.parameters"):
         d.parameters()
     d.setup(x)

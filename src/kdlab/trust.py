@@ -151,7 +151,11 @@ def distrust_folder(path: str | Path | None, role: str) -> None:
 
 
 def _local_folders() -> list[tuple[Path, str]]:
-    found = [(Path.cwd().resolve(), "current directory"), *_distrusted.items()]
+    try:
+        found = [(Path.cwd().resolve(), "current directory")]
+    except OSError:  # the current directory was removed: nothing can be imported from it
+        found = []
+    found += _distrusted.items()
     for entry in os.environ.get(FOLDERS_ENV, "").split(os.pathsep):
         if entry:
             found.append((Path(entry), "folder distrusted by the parent process"))

@@ -41,7 +41,10 @@ def analyze(args: argparse.Namespace) -> int:
 
     from kdlab.engine.rundir import FolderLock
     from kdlab.instruments.analysis import analyze_run
+    from kdlab.trust import distrust_folder
 
+    for folder, role in ((args.run_dir, "run folder"), (args.teacher, "teacher's folder")):
+        distrust_folder(folder, role)  # code in them never counts as installed (kdlab.trust)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     # it writes RUN_DIR/analysis/: not while another process (a training, another analyze) writes the run folder
     lock = FolderLock(args.run_dir) if Path(args.run_dir).is_dir() else contextlib.nullcontext()

@@ -28,7 +28,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from kdlab.engine.trainer import select_device
     from kdlab.models import build
     from kdlab.models.convert import read_weights
+    from kdlab.trust import distrust_folder
 
+    distrust_folder(args.checkpoint, "run folder")  # code in it never counts as installed (kdlab.trust)
     path = ck.resolve_weights_path(args.checkpoint)
     config = args.config
     if config is None:

@@ -76,6 +76,17 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> KdlabError:
     return ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, choices)}; choose from: {', '.join(choices)}")
 
 
+def _writable_ancestor(path: Path) -> None:
+    """The nearest existing folder on the way to ``path`` must be a writable folder (one-line error otherwise)."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise KdlabError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KdlabError(f"cannot write {path}: {folder} is not writable")
+
+
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
     """Before any work is done: ``path`` can be written as a file (not a folder, not below a file, in a writable
     folder; an existing file only with ``--overwrite``). Folders on the way that do not exist yet are created by the
@@ -85,11 +96,14 @@ def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out") ->
         raise KdlabError(f"{flag} {path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise KdlabError(f"{path} already exists; pass --overwrite to replace it")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise KdlabError(f"cannot write {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise KdlabError(f"cannot write {path}: {folder} is not writable")
+    _writable_ancestor(path)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Before any work is done: ``path`` can be created as a new folder (it may exist as an empty one)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise KdlabError(f"{flag} {path} already exists and is not an empty folder; choose another {flag}")
+    _writable_ancestor(path)
     return path

@@ -42,13 +42,13 @@ class FileKind:
 #: Default size limits per kind of file; ``KDLAB_MAX_BYTES_<KIND>`` (upper case) overrides one.
 LIMITS: dict[str, FileKind] = {
     "config": FileKind(16 * _MIB, "YAML recipes and a run's config.yaml"),
-    "json": FileKind(64 * _MIB, "summary.json, state.json, plan and sweep JSON files"),
+    "json": FileKind(64 * _MIB, "summary.json, state.json, train_eval.json, analysis summaries, plan and sweep JSON"),
     "metrics": FileKind(1 * _GIB, "metrics.jsonl / metrics.csv and other per-epoch logs"),
-    "text": FileKind(64 * _MIB, "other text files (logs, lists of URLs, HTML templates)"),
-    "checkpoint": FileKind(64 * _GIB, "model weights and training checkpoints (.safetensors, imported .pth)"),
+    "text": FileKind(64 * _MIB, "other text files (worker logs, results tables)"),
+    "checkpoint": FileKind(64 * _GIB, "model weights and training checkpoints (.safetensors; .pth/.pt imported weights-only)"),
     "cache": FileKind(4 * _TIB, "teacher-output caches (.safetensors)"),
-    "archive": FileKind(64 * _GIB, "dataset archives and arrays (.npz, .tar.gz, CIFAR pickles, shards)"),
-    "image": FileKind(256 * _MIB, "one image file of an image-folder dataset"),
+    "archive": FileKind(64 * _GIB, "dataset archives and arrays (.npz, .tar.gz, CIFAR pickles, the MNIST-1D cache)"),
+    "image": FileKind(256 * _MIB, "one image file (image-folder datasets, analysis figures embedded in reports)"),
 }
 
 _ENV_PREFIX = "KDLAB_MAX_BYTES_"

@@ -20,10 +20,11 @@ def _args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     from kdlab.data.cifar import CIFAR10, CIFAR100, read_cifar
     from kdlab.data.export import export_images
-    from kdlab.errors import KdlabError
+    from kdlab.errors import KdlabError, check_output_folder
 
     if args.limit is not None and args.limit < 1:
         raise KdlabError("--limit must be positive")
+    check_output_folder(args.out)  # before the data is read, not after
     spec = {"cifar100": CIFAR100, "cifar10": CIFAR10}[args.dataset]
     t0 = time.perf_counter()
     train, test = read_cifar(args.root, spec)

@@ -204,12 +204,13 @@ def read_cifar(root: str | Path, spec: CifarSpec) -> tuple[tuple[np.ndarray, np.
         raise DataError(f"{spec.name}: data root not found: {root}")
     if not root.is_dir():
         return _read_archive(root, spec, "data root")  # a FIFO or device is named, never read
-    if (root / "train.npz").is_file() and (root / "test.npz").is_file():
+    # a layout is recognised by its names (whatever they are: a FIFO or a device is then named by the reader)
+    if os.path.lexists(root / "train.npz") and os.path.lexists(root / "test.npz"):
         return _from_npz(root / "train.npz", spec), _from_npz(root / "test.npz", spec)
     for folder in (root, root / spec.folder):
-        if all((folder / f).is_file() for f in spec.train_files + spec.test_files):
+        if all(os.path.lexists(folder / f) for f in spec.train_files + spec.test_files):
             return _read_folder(folder, spec, spec.train_files), _read_folder(folder, spec, spec.test_files)
-    if (root / spec.archive).is_file():
+    if os.path.lexists(root / spec.archive):
         return _read_archive(root / spec.archive, spec)
     raise DataError(
         f"{spec.name}: no data in {root} (expected train.npz+test.npz, a {spec.folder}/ folder or {spec.archive})"

@@ -13,19 +13,25 @@ a config::
 The packages are optional (``pip install 'kdlab[trackers]'``), imported only when a tracker is enabled, and checked
 before the run folder is touched. Only rank 0 of a distributed run logs. A resumed run continues at its next epoch:
 TensorBoard appends to the same folder, wandb and MLflow open a new run whose steps continue the old one.
+
+Trackers are mirrors: ``metrics.jsonl`` is the record. A tracker that fails — cannot start, raises while logging or
+closing, its TensorBoard folder removed mid-run (the writer thread's error included) — is one ``kdlab: warning:``
+line; the tracker stops and the run goes on to its normal end and exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdlab.engine.callbacks import Callback
-from kdlab.errors import ConfigError, KdlabError
+from kdlab.errors import ConfigError, warn
 from kdlab.registry import Registry
 
 if TYPE_CHECKING:
@@ -61,23 +67,34 @@ class Tracker(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
-            try:
-                self.open(trainer)
-            except KdlabError:
-                raise
-            except Exception as err:  # the tracker's own failure (bad URI, no login, ...): one line, not a traceback
-                first = (str(err).strip().splitlines() or [""])[0]
-                raise KdlabError(f"logging.{self.key}: could not start: {type(err).__name__}: {first}") from None
             self.active = True
+            self._guard("could not start", self.open, trainer)
 
     def on_epoch_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if self.active:
-            self.log(scalars(row), int(row["epoch"]))
+            self._guard("failed", self.log, scalars(row), int(row["epoch"]))
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.active:
+            self._guard("failed at the end", self.close)
             self.active = False
-            self.close()
+
+    def _guard(self, what: str, call: Callable[..., None], *args: Any) -> None:
+        """``call(*args)``; a failure of the tracker (any exception, not an interrupt) is one warning line, after
+        which this tracker is off and its resources are let go without raising."""
+        try:
+            call(*args)
+        except Exception as err:
+            self.active = False
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            warn(f"logging.{self.key} {what} ({type(err).__name__}: {first}); the run goes on without it "
+                 "(metrics.jsonl is the record)")  # fmt: skip
+            with contextlib.suppress(Exception):
+                self.abandon()
+
+    def abandon(self) -> None:
+        """After a failure: release what :meth:`open` took, ignoring errors (default: :meth:`close`)."""
+        self.close()
 
     def open(self, trainer: Trainer) -> None:
         raise NotImplementedError
@@ -103,15 +120,40 @@ class TensorBoardTracker(Tracker):
 
         # on resume, TensorBoard drops what an interrupted epoch logged after the last kept metrics row
         purge = _last_epoch(trainer.out) + 1 if trainer.resume else None
+        before = set(threading.enumerate())
+        self._hook = threading.excepthook
         self.writer = SummaryWriter(log_dir=str(trainer.out / "tensorboard"), purge_step=purge)
+        # the writer's own thread (it writes the event file): its failure is reported here in one line, from the
+        # main thread, instead of as a traceback printed by the thread
+        self._threads = set(threading.enumerate()) - before
+        self._thread_errors: list[BaseException] = []
+        threading.excepthook = self._thread_failed
+
+    def _thread_failed(self, args: threading.ExceptHookArgs) -> None:
+        if args.thread in self._threads and args.exc_value is not None:
+            self._thread_errors.append(args.exc_value)
+        else:
+            self._hook(args)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.writer.add_scalar(k, v, global_step=step)
         self.writer.flush()
+        self._raise_thread_error()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+            self._raise_thread_error()
+        finally:
+            for t in self._threads:  # a thread that failed has run its excepthook once joined
+                t.join(timeout=10)
+            if threading.excepthook == self._thread_failed:
+                threading.excepthook = self._hook
+
+    def _raise_thread_error(self) -> None:
+        if self._thread_errors:
+            raise self._thread_errors[0]
 
 
 @TRACKERS.register("wandb")
@@ -167,7 +209,7 @@ class MlflowTracker(Tracker):
 
 def _last_epoch(run_dir: Path) -> int:
     """The last epoch kept in ``metrics.jsonl`` (rows after the last checkpoint are already dropped on resume)."""
-    from kdlab.engine.rundir import read_metrics
+    from kdlab.engine.rundir import read_metrics  # engine.rundir imports nothing of the trackers
 
     return max([0, *(row["epoch"] for row in read_metrics(run_dir))])
 

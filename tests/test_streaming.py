@@ -113,12 +113,30 @@ def test_random_resized_crop_box_stays_in_bounds_and_in_range():
     assert fracs.min() >= 0.075 and fracs.max() <= 1.0 and 0.74 <= ratios.min() and ratios.max() <= 1.35
 
 
+def _source(a: np.ndarray, fmt: str = "PNG", **options):
+    """An encoded image opened for rendering (the first two steps of a streamed sample)."""
+    import io
+
+    from kdlab.data.decode import DecodeOptions, SourceImage, build_decoder
+
+    buf = io.BytesIO()
+    PIL.fromarray(a).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    opts = DecodeOptions(**options)
+    return SourceImage(buf.getvalue(), build_decoder(opts.decoder, opts.max_pixels), opts)
+
+
 def test_imagenet_eval_view_is_resize_256_center_crop_224_scaled():
     from kdlab.data.images import ImagenetTransform
 
-    img = PIL.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
-    assert tuple(ImagenetTransform(size=28).eval(img).shape) == (3, 28, 28)
-    assert tuple(ImagenetTransform().train(img, random.Random(0)).shape) == (3, 224, 224)
+    yy, xx = np.mgrid[0:40, 0:60]
+    a = np.stack([xx * 2, yy * 3, (xx + yy) * 2], axis=2).astype(np.uint8)  # smooth: the box corner is snapped to
+    # a whole source pixel (up to half a pixel from torchvision's), which moves this ramp by 1-2 levels
+    out = ImagenetTransform(size=28).eval(_source(a))
+    assert tuple(out.shape) == (28, 28, 3)
+    short = round(28 * 256 / 224)  # 32: resize to 48×32, then the centre 28×28 — as one resize of the centre box
+    ref = np.asarray(PIL.fromarray(a).resize((48, 32), PIL.Resampling.BILINEAR).crop((10, 2, 38, 30)))
+    assert short == 32 and np.abs(out.numpy().astype(int) - ref).mean() < 2.5
+    assert tuple(ImagenetTransform().train(_source(a), random.Random(0)).shape) == (224, 224, 3)
 
 
 # ---- through the CLI -----------------------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ recursively under a class folder, in sorted order. The class index is the positi
 list of ``train/`` class folders — torchvision's ImageFolder convention, so teachers trained elsewhere line up.
 ``imagenet`` additionally requires exactly 1000 classes and uses the ``imagenet`` transform.
 
+Scanning is safe on a folder someone else made: a directory symlink is followed at most once per real directory
+(cycle detection by device and inode, shared by the whole split), and each file — reached directly, through a file
+symlink or a hard link — is counted once (the first in sorted order). An entry with an image extension that is not
+a regular file (a FIFO, socket, device or broken symlink) is refused with one line naming it, or kept with
+``data.skip_bad_images`` so that every read skips and counts it; images are read through :mod:`kdlab.fileio`
+(regular files only, ``KDLAB_MAX_BYTES_IMAGE``).
+
 Paths are kept as one byte buffer + offsets (not a list of Python strings), so worker processes share them
 copy-on-write and memory does not grow with the number of images.
 """
@@ -13,6 +20,8 @@ copy-on-write and memory does not grow with the number of images.
 from __future__ import annotations
 
 import os
+import stat
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,9 +31,10 @@ import torch
 
 from kdlab.data.augment import ImageAugment
 from kdlab.data.base import DATASETS, DataSource
-from kdlab.data.images import IMAGE_EXTENSIONS, ImageTransform, build_image_transform, decode, view_rng
+from kdlab.data.images import IMAGE_EXTENSIONS, ImageViews, build_image_transform, build_image_views
 from kdlab.data.stream import BadSample, StreamingDataset, View
-from kdlab.errors import ConfigError, DataError
+from kdlab.errors import ConfigError, DataError, KdlabError
+from kdlab.fileio import read_bytes
 
 if TYPE_CHECKING:
     from kdlab.config import DataConfig
@@ -54,14 +64,74 @@ class PathTable:
         return os.path.join(self.root, os.fsdecode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes()))
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursively), as sorted paths relative to ``folder``'s parent."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, folder.parent)
-        found.extend(os.path.join(rel, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
-    return found
+def _not_regular(st: os.stat_result) -> str:
+    mode = st.st_mode
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+@dataclass
+class _Scan:
+    """What a split's scan found so far: relative paths, (device, inode) of each file, directories visited."""
+
+    skip_bad: bool
+    paths: list[str]
+    keys: array
+    visited: set[tuple[int, int]]
+
+    def add(self, rel: str, key: tuple[int, int]) -> None:
+        self.paths.append(rel)
+        self.keys.extend(key)
+
+
+def _images_under(folder: Path, scan: _Scan) -> int:
+    """Append the image files below ``folder`` (recursively, sorted, each real directory once) to ``scan`` as paths
+    relative to ``folder``'s parent; returns how many were appended (before de-duplication)."""
+    before = len(scan.paths)
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue  # a dangling directory link: nothing to read below it
+        if (st.st_dev, st.st_ino) in scan.visited:
+            continue  # a symlink loop, or a directory linked twice: followed once
+        scan.visited.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"image folder: cannot list {d}: {err.strerror or err}") from None
+        rel_dir = os.path.relpath(d, folder.parent)
+        subdirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(Path(e.path))
+                continue
+            if not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            rel = os.path.join(rel_dir, e.name)
+            try:
+                fst = e.stat()  # follows a file symlink: the file it names is what is counted once
+                why = None if stat.S_ISREG(fst.st_mode) else _not_regular(fst)
+                key = (fst.st_dev, fst.st_ino)
+            except OSError:
+                why, key = "a broken symlink", (-1, -len(scan.paths) - 1)
+            if why is not None and not scan.skip_bad:
+                raise DataError(f"image folder: {e.path} is {why}, not a regular image file "
+                                "(set data.skip_bad_images=true to skip and count it)")  # fmt: skip
+            scan.add(rel, key)
+        stack.extend(reversed(subdirs))  # pre-order, sorted: os.walk's order
+    return len(scan.paths) - before
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -74,18 +144,25 @@ def class_folders(split_dir: Path) -> list[str]:
     return names
 
 
-def scan_split(split_dir: Path, classes: list[str]) -> tuple[PathTable, np.ndarray]:
-    """The images of ``classes`` under ``split_dir`` and their labels; every class folder must hold an image."""
-    rel_paths: list[str] = []
-    labels: list[np.ndarray] = []
-    for label, name in enumerate(classes):
-        files = _images_under(split_dir / name)
-        if not files:
+def scan_split(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[PathTable, np.ndarray]:
+    """The images of ``classes`` under ``split_dir`` and their labels; every class folder must hold an image. A file
+    reached twice (symlinks, hard links) is kept once, under the first class and path in sorted order."""
+    scan = _Scan(skip_bad, [], array("q"), set())
+    counts = []
+    for name in classes:
+        n = _images_under(split_dir / name, scan)
+        if not n:
             raise DataError(f"image folder: class folder {split_dir / name} holds no images "
                             f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS[:4])}, …)")  # fmt: skip
-        rel_paths.extend(files)
-        labels.append(np.full(len(files), label, dtype=np.int64))
-    return PathTable.pack(split_dir, rel_paths), np.concatenate(labels)
+        counts.append(n)
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
+    keys = np.frombuffer(scan.keys, dtype=np.int64).reshape(-1, 2)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    if len(first) < len(keys):  # the same file reached twice: keep its first (sorted) occurrence
+        keep = np.sort(first)
+        paths = [scan.paths[i] for i in keep]
+        return PathTable.pack(split_dir, paths), labels[keep]
+    return PathTable.pack(split_dir, scan.paths), labels
 
 
 def _eval_dir(root: Path) -> Path:
@@ -93,10 +170,10 @@ def _eval_dir(root: Path) -> Path:
 
 
 class ImageItems:
-    """One split of an image folder: decodes and augments sample ``index`` (in a DataLoader worker)."""
+    """One split of an image folder: reads and renders sample ``index`` (in a DataLoader worker)."""
 
-    def __init__(self, paths: PathTable, labels: np.ndarray, transform: ImageTransform, augment: bool = True) -> None:
-        self.paths, self.labels, self.transform, self.augment = paths, labels, transform, augment
+    def __init__(self, paths: PathTable, labels: np.ndarray, views: ImageViews) -> None:
+        self.paths, self.labels, self.views = paths, labels, views
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,16 +181,10 @@ class ImageItems:
     def load(self, index: int, view: View) -> tuple[torch.Tensor, int]:
         path = self.paths[index]
         try:
-            img = decode(path)
-        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, …
-            raise BadSample(f"unreadable image {path} ({type(err).__name__}: {err})") from None
-        if view is None or not self.augment:
-            x = self.transform.eval(img)
-        else:
-            kind, seed, epoch = view
-            rng = view_rng(seed, kind, epoch, index)
-            x = self.transform.strong(img, rng) if kind == "strong" else self.transform.train(img, rng)
-        return x, int(self.labels[index])
+            data = read_bytes(path, "image", what="image")  # a regular file within KDLAB_MAX_BYTES_IMAGE
+        except KdlabError as err:
+            raise BadSample(str(err)) from None
+        return self.views.load(data, index, view, path), int(self.labels[index])
 
 
 def load_image_folder(cfg: DataConfig, name: str = "imagefolder", expect_classes: int | None = None) -> DataSource:
@@ -135,13 +206,13 @@ def load_image_folder(cfg: DataConfig, name: str = "imagefolder", expect_classes
         extra = sorted(set(eval_classes) - set(classes))
         raise DataError(f"{name}: the classes of {eval_dir} differ from train/: missing {missing[:3] or 'none'}, "
                         f"extra {extra[:3] or 'none'} ({len(eval_classes)} vs {len(classes)} folders)")  # fmt: skip
-    train_paths, train_y = scan_split(root / "train", classes)
-    test_paths, test_y = scan_split(eval_dir, classes)
+    train_paths, train_y = scan_split(root / "train", classes, cfg.skip_bad_images)
+    test_paths, test_y = scan_split(eval_dir, classes, cfg.skip_bad_images)
     norm = ImageAugment(transform.mean, transform.std, num_samples=0, enabled=False)
     return StreamingDataset(
         name,
-        {"train": ImageItems(train_paths, train_y, transform, cfg.augment),
-         "test": ImageItems(test_paths, test_y, transform)},
+        {"train": ImageItems(train_paths, train_y, build_image_views(cfg, transform, cfg.augment)),
+         "test": ImageItems(test_paths, test_y, build_image_views(cfg, transform))},
         len(classes),
         input_shape=(3, transform.size, transform.size),
         finish=norm.eval_batch,

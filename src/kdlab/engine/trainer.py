@@ -152,6 +152,8 @@ class Trainer:
             raise ConfigError(f"method '{cfg.method.name}' needs a teacher: set teacher.name and teacher.checkpoint")
         data = dataset if dataset is not None else build_dataset(cfg.data)
         self.data = data.to(self.device)
+        if self.method.views > 1 and hasattr(self.data, "prepare_views"):  # streamed: workers render both views
+            self.data.prepare_views(self.method.views)
         # evaluated after every epoch; the first one chooses the best epoch (test unless data.read_test=false)
         self.eval_splits = [s for s, on in (("test", cfg.data.read_test), ("val", bool(cfg.data.val_split))) if on]
         self._build_models(teacher)

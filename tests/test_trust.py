@@ -60,6 +60,7 @@ def _fresh_trust(monkeypatch):
     set_trust(None)
     yield
     set_trust(None)
+    trust._installed_roots.cache_clear()
 
 
 class Code:
@@ -120,9 +121,11 @@ def _command(command: str, t: Path, code: Code, ref: str, key: str) -> list:
     """Arguments of ``command`` whose config names ``ref`` under ``key`` (``model.name`` or ``data.name``)."""
     section, field = key.split(".")
     value = {field: ref, **({"classifier": "fc"} if section == "model" else {})}
-    if command in ("eval", "analyze", "report"):
+    if command in ("eval", "analyze", "report", "train --resume"):
         run = _run_folder(code.folder, value if section == "model" else {"name": "mnist1d_mlp"},
                           value if section == "data" else None)  # fmt: skip
+        if command == "train --resume":
+            return ["train", "--resume", "--out", run]
         extra = {"analyze": ["--no-teacher"], "report": ["--out", t / "r.html"]}.get(command, [])
         return [command, run, *extra]
     recipe = _recipe(code.folder, distill=command in ("distill", "cache-teacher"), **{section: value})
@@ -137,7 +140,7 @@ def _command(command: str, t: Path, code: Code, ref: str, key: str) -> list:
     return ["cache-teacher", recipe, "--views", "1", "--out", t / "c.safetensors"]
 
 
-COMMANDS = ["train", "distill", "eval", "analyze", "report", "sweep", "chain", "cache-teacher"]
+COMMANDS = ["train", "distill", "train --resume", "eval", "analyze", "report", "sweep", "chain", "cache-teacher"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -288,6 +291,7 @@ def _fake_site(monkeypatch, tmp_path) -> Path:
     site_dir.mkdir()
     real = trust._site_dirs()
     monkeypatch.setattr(trust, "_site_dirs", lambda: [*real, site_dir.resolve()])
+    trust._installed_roots.cache_clear()  # read again, with this folder's .pth files
     return site_dir
 
 

@@ -63,7 +63,7 @@ def _stream(test: TorchDataset, skip: bool = False, train=None):
     def builder(cfg):
         return {"train": _Items() if train is None else train, "test": test, "num_classes": 3}
 
-    cfg = DataConfig(name="mnist1d", workers=1, skip_bad_images=skip)
+    cfg = DataConfig.model_construct(name="user_data:build", workers=1, prefetch=2, skip_bad_images=skip)
     with trusting():
         return build_user_dataset(cfg, builder)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -124,7 +125,7 @@ def trusting(enabled: bool = True) -> Iterator[None]:
 def trusted_among(names: Iterable[str | None]) -> list[str]:
     """Those of ``names`` (a run's code names, :func:`code_names`) that were allowed only by ``--trust-code``: what
     the run records in its summary as ``trusted_code``."""
-    return [n for n in dict.fromkeys(names) if n is not None and n in _trusted_names]
+    return [n for n in dict.fromkeys(names) if n is not None and is_import_path(n) and n in _trusted_names]
 
 
 def _allow(name: str, refusal: str) -> None:
@@ -166,6 +167,7 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+@functools.lru_cache(maxsize=1)
 def _site_dirs() -> list[Path]:
     """site-packages folders of this interpreter (where installers put packages, ``.pth`` files and dist-info)."""
     dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")] + list(site.getsitepackages())
@@ -193,8 +195,10 @@ def _pth_entries(site_dir: Path) -> list[Path]:
     return found
 
 
+@functools.lru_cache(maxsize=1)
 def _installed_roots() -> list[Path]:
-    """Folders whose modules count as installed: the standard library, site-packages and their ``.pth`` folders."""
+    """Folders whose modules count as installed: the standard library, site-packages and their ``.pth`` folders
+    (read once per process, like ``site`` itself reads them once at start-up)."""
     paths = sysconfig.get_paths()
     roots = [Path(paths[k]).resolve() for k in ("stdlib", "platstdlib") if k in paths]
     for d in _site_dirs():

@@ -57,6 +57,9 @@ def _cifar(tmp_path, n_train=2, labels=(0, 1)):
     return root
 
 
+_DEV_ZERO = object()
+
+
 def _npz(tmp_path, images=None, labels=(0, 1), train=None):
     """A CIFAR train.npz/test.npz folder whose train.npz holds ``images`` / ``labels`` (or the raw bytes ``train``;
     ``b'labels only'``: an archive without images)."""
@@ -67,6 +70,8 @@ def _npz(tmp_path, images=None, labels=(0, 1), train=None):
     images = np.zeros((len(labels), 32, 32, 3), np.uint8) if images is None else images
     if train == b"labels only":
         np.savez(root / "train.npz", fine_labels=np.asarray(labels))
+    elif train is _DEV_ZERO:
+        (root / "train.npz").symlink_to("/dev/zero")
     elif train is not None:
         (root / "train.npz").write_bytes(train)
     else:
@@ -113,17 +118,36 @@ def _bad_teacher(tmp_path, how):
     return path
 
 
-def _cache_file(tmp_path, **meta):
-    """A teacher-cache file whose metadata is ``meta`` over valid defaults."""
+def _cache_file(tmp_path, damage=None, **meta):
+    """A checksummed teacher-cache file whose metadata is ``meta`` over valid defaults; ``damage``: one byte of
+    its logits or of its header changed afterwards, or ``"v1"``: the old format without checksums."""
     import torch
     from safetensors.torch import save_file
 
-    from kdlab.engine.teacher_cache import FORMAT
+    from kdlab.engine.teacher_cache import FORMAT, CacheWriter
 
     info = dict(format=FORMAT, views=1, num_samples=800, num_classes=10, augment_seed=0, fields=["logits"],
                 dataset="mnist1d")  # fmt: skip
     path = tmp_path / "cache.safetensors"
-    save_file({"logits.0": torch.zeros(800, 10)}, str(path), metadata={"kdlab": json.dumps(dict(info, **meta))})
+    if damage == "v1":
+        info["format"] = "kdlab-teacher-cache-v1"
+        save_file({"logits.0": torch.zeros(800, 10)}, str(path), metadata={"kdlab": json.dumps(dict(info, **meta))})
+        return path
+    writer = CacheWriter(path, dict(info, **meta))
+    writer.start([("logits.0", torch.float32, (800, 10))])
+    writer.write(torch.zeros(800, 10))
+    writer.finish()
+    if damage is not None:
+        data = bytearray(path.read_bytes())
+        data[-1 if damage == "logits" else data.index(b'"shape":[800') + 9] ^= 1  # a logit; the header's 800 -> 900
+        path.write_bytes(bytes(data))
+    return path
+
+
+def _devzero(tmp_path, name):
+    """``name`` as a symbolic link to /dev/zero (endless zeros: read whole, it fills the machine's memory)."""
+    path = tmp_path / name
+    path.symlink_to("/dev/zero")
     return path
 
 
@@ -277,8 +301,8 @@ CASES = {
     # -- config files (§7, §8)
     "yaml alias bomb": (lambda t: ["train", _file(t, "bomb.yaml", BOMB), "--out", RUN], "expands to more than 100000 nodes"),
     "recursive yaml alias": (lambda t: ["train", _file(t, "rec.yaml", "a: &a [*a]\n"), "--out", RUN], "refers to its own anchor"),
-    "config is a folder": (lambda t: ["train", t, "--out", RUN], "is a folder, not a file"),
-    "config is a FIFO": (lambda t: ["train", _fifo(t), "--out", RUN], "is a FIFO (named pipe), not a file"),
+    "config is a folder": (lambda t: ["train", t, "--out", RUN], "is a folder, not a regular file"),
+    "config is a FIFO": (lambda t: ["train", _fifo(t), "--out", RUN], "is a FIFO (named pipe), not a regular file"),
     "config not UTF-8": (lambda t: ["train", _file(t, "bin.yaml", b"\xff\xfe\x00model"), "--out", RUN], "is not UTF-8 text"),
     "base recipe loops": (lambda t: ["train", _file(t, "loop.yaml", "base: loop.yaml\n"), "--out", RUN], "'base' chain loops back"),
     "unset variable in a path": (lambda t: ["train", CE, "data.name=cifar100", "data.root=${KDLAB_TEST_UNSET}/c", "--out", RUN],
@@ -319,7 +343,7 @@ CASES = {
                                          "--out", RUN, "--overwrite"], "train: refused to unpickle 'os.system'"),
     "data root is a FIFO": (lambda t: ["train", CE, "data.name=cifar100", f"data.root={_fifo(t)}", "--out", RUN, "--overwrite"],
                             "cifar100: data root"),
-    "import a folder": (lambda t: ["import-checkpoint", t, "--arch", "resnet8", "--out", t / "x.safetensors"], "is a folder, not a file"),
+    "import a folder": (lambda t: ["import-checkpoint", t, "--arch", "resnet8", "--out", t / "x.safetensors"], "is a folder, not a regular file"),
     "archive not a tar": (lambda t: ["train", CE, "data.name=cifar100", f"data.root={_file(t, 'c.tar.gz', b'garbage')}", "--out", RUN, "--overwrite"],
                           "not a readable tar archive"),
     "image data for a 1-D model": (lambda t: ["train", CE, "data.name=cifar100", f"data.root={_cifar(t)}", "--out", RUN, "--overwrite"],
@@ -334,7 +358,7 @@ CASES = {
     "Inf teacher weights": (lambda t: ["distill", KD, f"teacher.checkpoint={_bad_teacher(t, 'inf')}", "--out", RUN, "--overwrite"],
                             "holds NaN or infinite values"),
     "teacher checkpoint is a FIFO": (lambda t: ["distill", KD, f"teacher.checkpoint={_fifo(t)}", "--out", RUN, "--overwrite"],
-                                     "is a FIFO (named pipe), not a file"),
+                                     "is a FIFO (named pipe), not a regular file"),
     "ensemble member missing": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", "method.name=kd",
                                            f"teacher.ensemble=[{{name: mnist1d_cnn, checkpoint: {t / 'gone.safetensors'}}}]", "--out", RUN, "--overwrite"],
                                 "checkpoint not found"),
@@ -345,10 +369,10 @@ CASES = {
     "teacher cache with 0 views": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_cache_file(t, views=0)}", "--out", RUN, "--overwrite"],
                                    "damaged teacher cache metadata (views=0)"),
     "teacher cache not a cache": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_file(t, 'c.safetensors', b'x' * 20)}",
-                                             "--out", RUN, "--overwrite"], "is not a kdlab teacher cache"),
+                                             "--out", RUN, "--overwrite"], "is not a usable kdlab teacher cache"),
     # -- other commands: bad paths and bad numbers (§8)
     "eval missing weights": (lambda t: ["eval", t / "none.safetensors"], "checkpoint not found"),
-    "eval a FIFO": (lambda t: ["eval", _fifo(t)], "is a FIFO (named pipe), not a file"),
+    "eval a FIFO": (lambda t: ["eval", _fifo(t)], "is a FIFO (named pipe), not a regular file"),
     "eval a bad split": (lambda t: ["eval", RUN, "--split", "val"], "invalid choice: 'val'"),
     "analyze a non-run": (lambda t: ["analyze", t], "is not a kdlab run directory"),
     "analyze zero samples": (lambda t: ["analyze", RUN, "--max-samples", "0"], "--max-samples: must be a positive integer, got 0"),
@@ -392,6 +416,30 @@ CASES = {
                                   "train split sample 6: label 2.5 is not an integer class index"),
     "user Dataset: inf in the test split": (lambda t: ["train", CE, *_user_data(t, "streamed test inf"), "--out", t / "o"],
                                             "test split sample 6: input is not finite (inf)"),
+    # -- round three: bounded reads, teacher-cache checksums, outputs checked first (issue 19 §2, §7, §8)
+    "config is /dev/zero": (lambda t: ["train", _devzero(t, "c.yaml"), "--out", RUN], "c.yaml is a device, not a regular file"),
+    "recipe base is /dev/zero": (lambda t: ["train", _file(t, "child.yaml", f"base: {_devzero(t, 'zero.yaml').name}\n"), "--out", RUN],
+                                 "zero.yaml is a device, not a regular file"),
+    "teacher checkpoint is /dev/zero": (lambda t: ["distill", KD, f"teacher.checkpoint={_devzero(t, 'w.safetensors')}", "--out", RUN, "--overwrite"],
+                                        "w.safetensors is a device, not a regular file"),
+    "teacher cache is /dev/zero": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_devzero(t, 'c.safetensors')}", "--out", RUN,
+                                              "--overwrite"], "c.safetensors is a device, not a regular file"),
+    "teacher cache: one logit byte changed": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_cache_file(t, 'logits')}", "--out", t / "o"],
+                                              "cache.safetensors is damaged: bytes 0-32000 of tensor 'logits.0' do not match their recorded SHA-256"),
+    "teacher cache: one header byte changed": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_cache_file(t, 'header')}", "--out", RUN,
+                                                          "--overwrite"], "cache.safetensors is damaged: its header does not match its recorded SHA-256"),
+    "teacher cache without checksums": (lambda t: ["distill", KD, f"teacher.checkpoint={T}", f"teacher.cache={_cache_file(t, 'v1')}", "--out", RUN, "--overwrite"],
+                                        "was made by an older kdlab without checksums; rebuild it with kdlab cache-teacher"),
+    "import a .pth that is /dev/zero": (lambda t: ["import-checkpoint", _devzero(t, "w.pth"), "--arch", "resnet8", "--out", t / "x.safetensors"],
+                                        "w.pth is a device, not a regular file"),
+    "eval /dev/zero weights": (lambda t: ["eval", _devzero(t, "w.safetensors")], "w.safetensors is a device, not a regular file"),
+    "cifar train.npz is /dev/zero": (lambda t: ["train", CE, "data.name=cifar100", f"data.root={_npz(t, train=_DEV_ZERO)}", "--out", RUN, "--overwrite"],
+                                     "train.npz is a device, not a regular file"),
+    "bench --json a folder": (lambda t: ["bench", "--json", t], "is a folder; give a file name"),
+    "bench --json below a file": (lambda t: ["bench", "--json", _file(t, "f", "x") / "b.json"], "f is not a folder"),
+    "report --out below a file": (lambda t: ["report", RUN, "--out", _file(t, "f", "x") / "r.html"], "f is not a folder"),
+    "compare --csv a folder": (lambda t: ["compare", RUN, "--csv", t], "is a folder; give a file name"),
+    "export-images into a full folder": (lambda t: ["export-images", t, "--out", RUN], "already exists and is not an empty folder"),
 }  # fmt: skip
 
 

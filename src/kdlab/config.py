@@ -578,9 +578,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name")
-    base_path = (path.parent / base).resolve()
-    if base_path in _seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    base_path = path.parent / base  # read (and named in errors) as written; compared resolved for loops
+    if base_path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path.resolve()}")
     inherited = read_recipe(base_path, _seen + (path.resolve(),))
     if unset is not None:
         _unset(inherited, unset, path)

@@ -213,11 +213,13 @@ def _editable_projects(top: str) -> list[Path]:
     for dist in importlib.metadata.distributions():
         try:
             home = Path(str(dist.locate_file(""))).resolve()
+            if not any(_inside(home, s) for s in sites):
+                continue  # records elsewhere on sys.path (a dist-info in the current directory) are never read
             direct = dist.read_text("direct_url.json")
             tops = (dist.read_text("top_level.txt") or "").split()
         except (OSError, ValueError):
             continue
-        if not direct or top not in tops or not any(_inside(home, s) for s in sites):
+        if not direct or top not in tops:
             continue
         try:
             info = json.loads(direct)

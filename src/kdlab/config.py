@@ -83,9 +83,10 @@ class DataConfig(_Strict):
     image_size: int | None = Field(
         None, gt=0, description="streamed images: crop size (default: the transform's, imagenet 224, cifar 32)"
     )
-    transform: str = Field(
-        "imagenet", description="imagefolder: imagenet (RandomResizedCrop + flip; resize + center crop) | cifar "
-        "(pad-4 random crop + flip at image_size)",
+    transform: str | None = Field(
+        None, description="streamed images: imagenet (RandomResizedCrop + flip; resize + center crop) | cifar "
+        "(pad-4 random crop + flip at image_size); default: the dataset's own (imagenet, or the transform a "
+        "WebDataset export records: cifar for CIFAR)",
     )  # fmt: skip
     mean: tuple[float, float, float] | None = Field(None, description="streamed images: channel means")
     std: tuple[float, float, float] | None = Field(None, description="streamed images: channel stds")

@@ -14,6 +14,7 @@ from kdlab.data import cifar as _cifar  # noqa: F401  (isort: skip)
 from kdlab.data import folder as _folder  # noqa: F401  (isort: skip)
 from kdlab.data import mnist1d as _mnist1d  # noqa: F401  (isort: skip)
 from kdlab.data import synthetic as _synthetic  # noqa: F401  (isort: skip)
+from kdlab.data import webdataset as _webdataset  # noqa: F401  (isort: skip)
 
 __all__ = [
     "CIFAR100_MEAN",

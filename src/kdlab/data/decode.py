@@ -228,7 +228,7 @@ def resize(region: np.ndarray, out: tuple[int, int], max_pixels: int) -> torch.T
     x = torch.from_numpy(region)
     if x.shape[0] == oh and x.shape[1] == ow:
         return x
-    nchw = x.permute(2, 0, 1).unsqueeze(0)  # channels-last memory: torch's vectorised uint8 kernel
+    nchw = x.unsqueeze(0).permute(0, 3, 1, 2)  # channels-last memory: torch's vectorised uint8 kernel
     try:
         y = torch.nn.functional.interpolate(nchw, size=(oh, ow), mode="bilinear", antialias=True, align_corners=False)
     except RuntimeError:  # a torch without the uint8 kernel

@@ -165,7 +165,8 @@ def scan_split(split_dir: Path, classes: list[str], skip_bad: bool = False) -> t
     return PathTable.pack(split_dir, scan.paths), labels
 
 
-def _eval_dir(root: Path) -> Path:
+def eval_dir(root: Path) -> Path:
+    """The evaluation split folder: ``val/``, else ``test/``."""
     return root / "val" if (root / "val").is_dir() or not (root / "test").is_dir() else root / "test"
 
 
@@ -194,20 +195,20 @@ def load_image_folder(cfg: DataConfig, name: str = "imagefolder", expect_classes
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"{name}: data root not found: {root}")
-    transform = build_image_transform(cfg.transform, cfg.image_size, cfg.mean, cfg.std)
+    transform = build_image_transform(cfg.transform or "imagenet", cfg.image_size, cfg.mean, cfg.std)
     classes = class_folders(root / "train")
     if expect_classes is not None and len(classes) != expect_classes:
         raise DataError(f"{name}: {root / 'train'} has {len(classes)} class folders, expected {expect_classes} "
                         "(use data.name=imagefolder for other image folders)")  # fmt: skip
-    eval_dir = _eval_dir(root)
-    eval_classes = class_folders(eval_dir)
+    val_dir = eval_dir(root)
+    eval_classes = class_folders(val_dir)
     if eval_classes != classes:
         missing = sorted(set(classes) - set(eval_classes))
         extra = sorted(set(eval_classes) - set(classes))
-        raise DataError(f"{name}: the classes of {eval_dir} differ from train/: missing {missing[:3] or 'none'}, "
+        raise DataError(f"{name}: the classes of {val_dir} differ from train/: missing {missing[:3] or 'none'}, "
                         f"extra {extra[:3] or 'none'} ({len(eval_classes)} vs {len(classes)} folders)")  # fmt: skip
     train_paths, train_y = scan_split(root / "train", classes, cfg.skip_bad_images)
-    test_paths, test_y = scan_split(eval_dir, classes, cfg.skip_bad_images)
+    test_paths, test_y = scan_split(val_dir, classes, cfg.skip_bad_images)
     norm = ImageAugment(transform.mean, transform.std, num_samples=0, enabled=False)
     return StreamingDataset(
         name,
@@ -230,7 +231,7 @@ def _build_imagefolder(cfg: DataConfig) -> DataSource:
 
 @DATASETS.register("imagenet")
 def _build_imagenet(cfg: DataConfig) -> DataSource:
-    if cfg.transform != "imagenet":
+    if cfg.transform not in (None, "imagenet"):
         raise ConfigError(f"data.name=imagenet uses the imagenet transform; data.transform={cfg.transform} is for "
                           "data.name=imagefolder")  # fmt: skip
     return load_image_folder(cfg, "imagenet", IMAGENET_CLASSES)

@@ -157,6 +157,12 @@ class HeldOut:
     def strong_batch(self, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         return self.source.strong_batch(self._train_on_device[index], seed, epoch)
 
+    def prepare_views(self, views: int) -> None:
+        """Streamed sources render two-view methods' strong view in their workers (kdlab.data.stream)."""
+        prepare = getattr(self.source, "prepare_views", None)
+        if prepare is not None:
+            prepare(views)
+
     def take_first(self, train: int | None, test: int | None) -> HeldOut:
         """Keep the first ``train`` kept samples (the val split stays whole) and the first ``test`` test samples."""
         if train is not None:

@@ -293,6 +293,7 @@ def build_cache(
         "format": FORMAT, "views": views, "num_samples": n, "num_classes": data.num_classes,
         "augment_seed": augment_seed, "fields": list(fields), "dtype": str(dtype).replace("torch.", ""),
         "store": store, "dataset": data.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {}),
+        **({"samples": data.sample_keys} if getattr(data, "sample_keys", None) else {}),  # which samples (shards)
     }  # fmt: skip
     if store == "topk":
         info.update(topk=min(topk, data.num_classes - 1), tail_bits=tail_bits)
@@ -306,6 +307,7 @@ def build_cache(
             start = 0
             batches = data.train_batches(batch_size, seed=augment_seed, epoch=v + 1, indices=order,
                                          augment_seed=augment_seed, augment_epoch=v + 1)  # fmt: skip
+            disorder: torch.Tensor | None = None
             with torch.inference_mode():
                 for x, _y, _idx in batches:
                     with autocast():
@@ -321,11 +323,16 @@ def build_cache(
                     if end != min(start + batch_size, n):  # rows are written in order: nothing may be skipped
                         raise DataError(f"teacher cache: {data.name} skipped unreadable training samples; remove "
                                         "them (or fix them) before caching the teacher")  # fmt: skip
+                    # row = sample index (its key): checked on the device, read once per view (no sync per batch)
+                    off = (_idx != torch.arange(start, end, device=_idx.device)).any()
+                    disorder = off if disorder is None else disorder | off
                     for name, t in parts.items():  # asynchronous device → pinned host copies, no sync per batch
                         buffers[name][start:end].copy_(t, non_blocking=True)
                     start = end
             if pin:
                 torch.cuda.synchronize()  # once per view, before its buffers are written
+            if disorder is not None and bool(disorder):
+                raise DataError(f"teacher cache: {data.name} delivered training samples out of index order")
             for t in buffers.values():
                 writer.write(t)
             if progress:
@@ -447,6 +454,10 @@ class TeacherCache:
                 f"teacher cache {self.path} was made for {i.meta.get('dataset')} with {i.num_samples} samples and "
                 f"{i.num_classes} classes; this run has {data.name} with {data.num_train} and {data.num_classes}"
             )
+        samples, ours = i.meta.get("samples"), getattr(data, "sample_keys", None)
+        if samples and ours and samples != ours:
+            raise ConfigError(f"teacher cache {self.path} was made for other samples ({samples}); this run reads "
+                              f"{ours}")  # fmt: skip
         want = i.meta.get("teacher_sha256")
         if teacher_fingerprint and want and teacher_fingerprint != want:
             raise ConfigError(f"teacher cache {self.path} was made from another teacher checkpoint")

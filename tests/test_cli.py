@@ -440,6 +440,14 @@ CASES = {
     "report --out below a file": (lambda t: ["report", RUN, "--out", _file(t, "f", "x") / "r.html"], "f is not a folder"),
     "compare --csv a folder": (lambda t: ["compare", RUN, "--csv", t], "is a folder; give a file name"),
     "export-images into a full folder": (lambda t: ["export-images", t, "--out", RUN], "already exists and is not an empty folder"),
+    # -- round three: release fidelity (issue 22)
+    "teacher cache for a teacher on batch statistics (wsld)": (lambda t: ["distill", KD, "method.name=wsld", f"teacher.checkpoint={T}",
+                                                                          f"teacher.cache={t / 'c.safetensors'}", "--out", t / "o"],
+                                                               "which a teacher cache cannot replay; unset teacher.cache, or set method.teacher_bn=eval"),
+    "cache-teacher for a recipe whose teacher runs on batch statistics": (lambda t: ["cache-teacher", KD, "method.name=wsld", "--views", "1",
+                                                                                     "--out", t / "c.safetensors"], "method 'wsld' runs the teacher's BatchNorms"),
+    "wsld: teacher_bn neither train nor eval": (lambda t: ["distill", KD, "method.name=wsld", "method.teacher_bn=batch", "--out", RUN],
+                                                "method.teacher_bn: Input should be 'train' or 'eval'"),
 }  # fmt: skip
 
 
@@ -536,6 +544,10 @@ def test_demo_small(tmp_path, capsys):
     assert "| method | test accuracy (%) | seeds |" in text and "KD (T=4)" in text and "MSE" in text
     assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 5000
     assert len(list((out / "students").iterdir())) == 6
+    env = json.loads((out / "students" / "student_kd_seed0" / "summary.json").read_text())["environment"]
+    assert env["torch"]["threads"] >= 1 and env["packages"]["numpy"] and env["cpu"]["model"]  # kdlab.environment
+    md = (out / "results.md").read_text()
+    assert "Environment (" in md and f"torch {env['torch']['version']}: CPU kernels {env['torch']['cpu_capability']}" in md
     # re-running reuses the finished runs (fast, same table)
     assert main(["demo", "--out", out, "--seeds", "2", "--teacher-epochs", "2", "--student-epochs", "2"]) == 0
     assert (out / "results.md").read_text().strip() in capsys.readouterr().out

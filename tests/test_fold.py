@@ -38,7 +38,7 @@ CASES = [  # (model, input shape, pairs expected: None = every BatchNorm)
     ("MobileNetV2", (3, 3, 32, 32), None),  # depthwise (grouped) convolutions
     ("ShuffleV2", (3, 3, 32, 32), None),
     ("mnist1d_cnn", (3, 1, 40), None),  # Conv1d + BatchNorm1d
-    ("imagenet_resnet18", (2, 3, 64, 64), None),
+    ("resnet18", (2, 3, 64, 64), None),
 ]
 
 

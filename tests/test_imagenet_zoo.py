@@ -13,8 +13,8 @@ from kdlab.models import MODELS, build, num_params
 
 # the numbers of torchvision's model cards / the issue, at 1000 classes
 COUNTS = {
-    "imagenet_resnet18": 11_689_512, "imagenet_resnet34": 21_797_672, "imagenet_resnet50": 25_557_032,
-    "imagenet_resnet101": 44_549_160, "imagenet_resnet152": 60_192_808, "imagenet_mobilenet_v1": 4_231_976,
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808, "mobilenet_v1": 4_231_976,
 }  # fmt: skip
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -41,11 +41,50 @@ def _threads(one_thread):
 @pytest.mark.parametrize("name, count", COUNTS.items())
 def test_exact_parameter_counts(name, count):
     assert name in MODELS
-    assert num_params(build(name, num_classes=1000)) == count
+    with torch.device("meta"):  # shapes only
+        assert num_params(build(name, num_classes=1000)) == count
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_torchvision_names_are_primary_and_the_imagenet_prefix_an_alias(name):
+    from kdlab.models import ALIASES, FAMILIES
+
+    assert ALIASES[f"imagenet_{name}"] == name and MODELS.get(f"imagenet_{name}") is MODELS.get(name)
+    assert name in FAMILIES["imagenet"][3] and name not in FAMILIES["cifar"][3]
+    if name == "resnet18":  # the alias builds the same network, weights included
+        torch.manual_seed(0)
+        a = build(name, num_classes=5).state_dict()
+        torch.manual_seed(0)
+        b = build(f"imagenet_{name}", num_classes=5).state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resnet18_is_no_longer_a_typo_of_resnet8():
+    from kdlab.errors import ConfigError
+    from kdlab.models.cifar_resnet import CifarResNet
+    from kdlab.models.imagenet import ImageNetResNet
+
+    assert isinstance(build("resnet18", num_classes=10), ImageNetResNet)
+    assert isinstance(build("resnet8", num_classes=10), CifarResNet)
+    with pytest.raises(ConfigError, match="did you mean"):
+        build("resnet19")
+
+
+def test_zoo_listing_says_which_family_each_name_is(cli, capsys):
+    assert cli("zoo") == 0
+    out = capsys.readouterr().out
+    imagenet, cifar = out.index("[imagenet]"), out.index("[cifar]")
+    assert out.index("  resnet50 ") > imagenet > out.index("  ResNet50 ") > cifar
+    assert "resnet18         11,689,512   (also: imagenet_resnet18)" in out
+    assert "mobilenet_v1      4,231,976   (also: imagenet_mobilenet_v1)" in out
+    assert cli("zoo", "--json") == 0
+    fams = {f["family"]: f for f in json.loads(capsys.readouterr().out)}
+    assert {m["name"] for m in fams["imagenet"]["models"]} == set(COUNTS)
+    assert next(m for m in fams["cifar"]["models"] if m["name"] == "ResNet50")["params"] == 23_705_252
 
 
 @pytest.mark.parametrize("name, blocks, bottleneck", [
-    ("imagenet_resnet18", (2, 2, 2, 2), False), ("imagenet_resnet50", (3, 4, 6, 3), True),
+    ("resnet18", (2, 2, 2, 2), False), ("resnet50", (3, 4, 6, 3), True),
 ])  # fmt: skip
 def test_state_dict_keys_are_torchvisions(name, blocks, bottleneck):
     model = build(name, num_classes=1000)
@@ -55,7 +94,7 @@ def test_state_dict_keys_are_torchvisions(name, blocks, bottleneck):
 
 
 def test_mobilenet_v1_layout_and_interface():
-    model = build("imagenet_mobilenet_v1", num_classes=10).eval()
+    model = build("mobilenet_v1", num_classes=10).eval()
     keys = list(model.state_dict())
     assert keys[:6] == ["model.0.0.weight"] + [f"model.0.1.{b}" for b in BN]
     assert "model.13.3.weight" in keys and keys[-2:] == ["fc.weight", "fc.bias"]
@@ -72,7 +111,7 @@ def test_mobilenet_v1_layout_and_interface():
 
 
 def test_resnet_interface_small_input():
-    model = build("imagenet_resnet18", num_classes=7).eval()
+    model = build("resnet18", num_classes=7).eval()
     x = torch.randn(2, 3, 64, 64)
     out = model.forward_features(x)
     assert out.logits.shape == (2, 7) and out.prepool.shape == (2, 512, 2, 2) and model.classifier is model.fc
@@ -85,8 +124,8 @@ def test_resnet_interface_small_input():
 
 
 def test_no_clash_with_the_cifar_zoo():
-    assert "ResNet50" in MODELS and "imagenet_resnet50" in MODELS
-    assert num_params(build("ResNet50", num_classes=1000)) != COUNTS["imagenet_resnet50"]
+    assert "ResNet50" in MODELS and "resnet50" in MODELS
+    assert num_params(build("ResNet50", num_classes=1000)) != COUNTS["resnet50"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +198,7 @@ def test_compare_and_tables_show_top5_next_to_the_papers(tmp_path):
 
     from kdlab.pipelines.compare import compare_rows, comparison_csv, comparison_markdown
 
-    cfg = {"model": {"name": "imagenet_resnet18"}, "method": {"name": "ce"}, "data": {"name": "imagenet"},
+    cfg = {"model": {"name": "resnet18"}, "method": {"name": "ce"}, "data": {"name": "imagenet"},
            "meta": {"paper": "made-up table", "paper_top1": 69.75, "paper_top5": 89.07}}  # fmt: skip
     for seed, (top1, top5) in enumerate([(70.0, 89.5), (70.5, 89.9)]):
         run = tmp_path / f"r_seed{seed}"

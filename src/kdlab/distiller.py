@@ -35,6 +35,7 @@ from torch import nn
 from kdlab.errors import ConfigError
 from kdlab.methods import Method, build_method
 from kdlab.models.base import ModelOutput
+from kdlab.models.fold import batch_statistics_copy
 from kdlab.models.taps import TappedModel
 
 
@@ -78,7 +79,8 @@ class Distiller(nn.Module):
 
     ``method`` is a name of :data:`kdlab.methods.METHODS` (``kdlab keys`` lists each one's parameters, passed
     here as keyword arguments). The teacher is frozen, kept in eval mode, moved with ``.to()`` and not part of
-    :meth:`parameters` or :meth:`state_dict`. Methods with a memory of the training set (CRD) need ``num_samples``
+    :meth:`parameters` or :meth:`state_dict`; methods with ``teacher_bn="train"`` (OFD, WSLD, as released) read a
+    copy made here whose BatchNorms normalise with each batch's statistics. Methods with a memory of the training set (CRD) need ``num_samples``
     (and ``train_labels`` for class-aware negatives) and an ``index=`` per batch; two-view methods (MLKD) an
     ``x_strong=`` batch.
     """
@@ -119,6 +121,11 @@ class Distiller(nn.Module):
             self.method.bind_data(num_samples, train_labels)  # type: ignore[attr-defined]
         self.method_name = method
         self._ready = False
+        # methods whose release runs the teacher's BatchNorms on batch statistics (method.teacher_bn=train: OFD, WSLD)
+        # read a frozen copy that does so (kdlab.models.fold.batch_statistics_copy); not registered, not saved
+        self._batch_stat_teacher: tuple[nn.Module, ...] = ()
+        if self.teacher is not None and self.method.teacher_bn == "train":
+            self._batch_stat_teacher = (batch_statistics_copy(self.teacher),)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -127,8 +134,9 @@ class Distiller(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Distiller:  # .to() / .cuda() / .half() move the teacher too
         super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn)
+        for module in (self.teacher, *self._batch_stat_teacher):
+            if module is not None:
+                module._apply(fn)
         return self
 
     def train(self, mode: bool = True) -> Distiller:
@@ -160,7 +168,8 @@ class Distiller(nn.Module):
         """The frozen teacher's outputs for ``x`` (``None`` when the method reads no teacher)."""
         if self.teacher is None or not self.method.needs_teacher or not self.method.teacher_outputs:
             return None
-        return self.teacher.forward_features(x)  # type: ignore[operator]
+        teacher = self._batch_stat_teacher[0] if self._batch_stat_teacher else self.teacher
+        return teacher.forward_features(x)  # type: ignore[operator]
 
     def forward(
         self,

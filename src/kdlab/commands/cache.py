@@ -45,6 +45,12 @@ def cache_teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.teacher is None:
         raise KdlabError(f"{args.config} has no teacher section")
+    from kdlab.engine.teacher_cache import cache_refusal
+    from kdlab.methods import build_method
+
+    method = build_method(cfg.method.name, cfg.method.params())
+    if method.teacher_bn == "train":  # the recipe's runs could not replay the cache (batch statistics)
+        raise KdlabError(cache_refusal(cfg.method.name, method) or "")
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
     teacher = load_teacher(cfg.teacher, data.num_classes).to(device)

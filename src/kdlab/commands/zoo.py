@@ -35,3 +35,36 @@ def import_checkpoint(args: argparse.Namespace) -> int:
         print(f"wrote {summary['out']}: {summary['arch']}, {summary['num_classes']} classes, "
               f"{summary['tensors']} tensors{extra}")  # fmt: skip
     return 0
+
+
+def _zoo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+
+
+@command("zoo", "list the model zoo by family (CIFAR, ImageNet, MNIST-1D): names, aliases, inputs, parameters", _zoo_args)
+def zoo(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdlab.models import ALIASES, FAMILIES, build, num_params
+
+    aliases: dict[str, list[str]] = {}
+    for alias, name in ALIASES.items():
+        aliases.setdefault(name, []).append(alias)
+    listing = []
+    for key, (title, shape, classes, names) in FAMILIES.items():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            rows = [{"name": n, "params": num_params(build(n, num_classes=classes)), "aliases": aliases.get(n, [])}
+                    for n in names]  # fmt: skip
+        listing.append({"family": key, "about": title, "input": shape, "classes": classes, "models": rows})
+    if args.json:
+        print(json.dumps(listing))
+        return 0
+    for fam in listing:
+        print(f"[{fam['family']}] {fam['about']}; input {fam['input']}, parameters at {fam['classes']} classes")
+        for row in fam["models"]:
+            also = f"   (also: {', '.join(row['aliases'])})" if row["aliases"] else ""
+            print(f"  {row['name']:<14} {row['params']:>12,}{also}")
+        print()
+    print("[cifar] wrn_D_W: any WRN with depth 6n+4 and width ≥ 1 (e.g. wrn_22_8).")
+    print("A user model: model.name=package.module:Class or path/to/file.py:Class (kdlab keys model).")
+    return 0

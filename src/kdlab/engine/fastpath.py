@@ -71,15 +71,16 @@ class FastPath:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def frozen_forward(
-        self, module: nn.Module, example: torch.Tensor, fold_bn: bool = True
+        self, module: nn.Module, example: torch.Tensor, fold_bn: bool = True, teacher_bn: str = "eval"
     ) -> tuple[Callable[[torch.Tensor], ModelOutput], str]:
         """The run's forward of a frozen module (the teacher): ``module.forward_features`` computed by a copy with
         every BatchNorm folded into the convolution feeding it (``fold_bn``, where the recorded forward shows it is
         safe: :func:`kdlab.models.fold.frozen_features`), with weights stored in the autocast dtype under bf16/fp16
         (autocast would otherwise re-cast the float32 weights on every forward), in the run's memory format, compiled
         when on. ``module``'s weights are never changed; without
-        folding and in float32 they are the ones used. Returns the forward and a one-line description."""
-        forward, note = frozen_features(module, example, fold_bn)
+        folding and in float32 they are the ones used. ``teacher_bn="train"``: BatchNorms on each batch's statistics
+        (a copy, never folded; ``method.teacher_bn``). Returns the forward and a one-line description."""
+        forward, note = frozen_features(module, example, fold_bn, teacher_bn)
         if self.amp_dtype is not None:
             if isinstance(forward, FeaturesForward) and forward.model is module:
                 forward = FeaturesForward(copy.deepcopy(module))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdlab.models.base import ModelOutput
@@ -16,6 +16,13 @@ class MethodParams(BaseModel):
     """Base of every method's parameter schema (unknown keys are errors)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def teacher_bn_field() -> Any:
+    """``method.teacher_bn`` of the methods whose releases run the teacher in training mode (OFD, WSLD)."""
+    return Field("train", description="teacher BatchNorm during training: train = each batch's statistics, as the "
+                 "release runs its teacher (running statistics are not updated; no teacher cache); eval = the "
+                 "running statistics")  # fmt: skip
 
 
 class Method(nn.Module):
@@ -49,6 +56,14 @@ class Method(nn.Module):
     #: is in eval mode during the pre-phase, its BatchNorm statistics fixed (RepDistiller's ``init``: ``model_s.eval()``
     #: then ``train()`` on the modules being initialised)
     pre_trains_student: ClassVar[bool] = False
+    #: the SGD settings of the pre-phase (``momentum``, ``nesterov``, ``weight_decay``) where the release trains it
+    #: with an optimizer of its own (RepDistiller's ``init`` for FT and AB: plain momentum 0.9, weight decay 5e-4, on
+    #: every parameter); ``None``: the run's optimizer settings (:func:`kdlab.engine.optim.set_epoch_hyperparameters`)
+    pre_optim: dict[str, Any] | None = None
+    #: how the frozen teacher's BatchNorms normalise during training: ``eval`` (running statistics) or ``train`` (each
+    #: batch's own statistics, as OFD's and WSLD's releases run their teacher; the running statistics are never
+    #: updated, and the teacher's reported accuracy is still its eval-mode one). A teacher cache replays ``eval`` only.
+    teacher_bn: Literal["eval", "train"] = "eval"
 
     def __init__(self, params: MethodParams) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ from kdlab.losses import cross_entropy, kd
 from kdlab.losses import feature as LF
 from kdlab.methods.base import METHODS, Method, MethodParams
 from kdlab.models.base import ModelOutput
-from kdlab.models.connectors import ConnectorKind, align_teacher, build_connector
+from kdlab.models.connectors import ConnectorKind, HintConnectorKind, align_teacher, build_connector, conv_regressor
 from kdlab.models.heads import FrozenLinear, ReusedClassifierHead
 
 
@@ -118,30 +118,37 @@ class _HeadMethod(_FeatureMethod):
 
 
 class FitNetParams(_ConnectorParams):
+    connector: HintConnectorKind = Field(
+        "convreg", description="regressor: convreg (the releases' ConvReg: kernel / stride / transposed conv map the "
+        "student's map onto the teacher's size) | 1x1 | 1x1-1x1 | bottleneck | identity (pool the larger map)",
+    )  # fmt: skip
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
     feat_weight: float = Field(100.0, ge=0, description="weight β of the hint (feature MSE) term")
     hint_layer: int | None = Field(
-        None, ge=1, description="intermediate hint: stage k's output of both models (RepDistiller / mdistiller "
-        "HINT_LAYER, whose default is 2, counting the stem as 0); null: the pre-pool map",
+        2, ge=1, description="hint: stage k's output of both models (RepDistiller / mdistiller HINT_LAYER 2, counting "
+        "the stem as 0: the second stage); null: the pre-pool map",
     )  # fmt: skip
 
 
 @METHODS.register("fitnet")
 class FitNet(_FeatureMethod):
-    """FitNets: ``ce_weight · CE + feat_weight · MSE(connector(f_s), f_t)`` on the pre-pool maps.
+    """FitNets: ``ce_weight · CE + feat_weight · MSE(regressor(f_s), f_t)`` on the hint maps.
 
-    The hint is the last (pre-pool) feature, the one every kdlab model exposes, or with ``hint_layer = k`` the output
-    of stage k (:attr:`ModelOutput.stages`, RepDistiller's intermediate hint); the connector (regressor) trains with
-    the student and is dropped at test time. Defaults as in RepDistiller / mdistiller (CE 1, hint 100).
+    As released (RepDistiller ``--hint_layer 2``, mdistiller ``HINT_LAYER: 2``), the hint is the output of stage 2 of
+    both models (:attr:`ModelOutput.stages`; ``hint_layer = k`` for stage k, ``null`` for the pre-pool feature), and
+    the regressor is the releases' ``ConvReg`` (:func:`kdlab.models.connectors.conv_regressor`): it maps the
+    student's map onto the teacher's size — a ShuffleNet's 8×8 stage-2 map is upsampled by a transposed convolution to
+    a ResNet teacher's 16×16 — where kdlab's other connectors pool the larger map. The regressor trains with the
+    student and is dropped at test time. Defaults as in RepDistiller / mdistiller (CE 1, hint 100).
     """
 
     Params = FitNetParams
-    teacher_outputs = ("prepool",)
+    teacher_outputs = ("stages",)
 
     def __init__(self, params: FitNetParams) -> None:
         super().__init__(params)
-        if params.hint_layer is not None:
-            self.teacher_outputs = ("stages",)
+        if params.hint_layer is None:
+            self.teacher_outputs = ("prepool",)
 
     def _hint(self, out: ModelOutput) -> torch.Tensor:
         k = self.params.hint_layer
@@ -153,8 +160,15 @@ class FitNet(_FeatureMethod):
         k = p.hint_layer
         for who, out in (("student", s_out), ("teacher", t_out)):
             if k is not None and k > len(out.stages):
-                raise ConfigError(f"fitnet: method.hint_layer={k} but the {who} exposes {len(out.stages)} stages")
-        self.connector = build_connector(p.connector, self._hint(s_out), self._hint(t_out), p.factor)
+                raise ConfigError(
+                    f"fitnet: method.hint_layer={k} but the {who} exposes {len(out.stages)} stage(s); set "
+                    "method.hint_layer=null for the pre-pool feature, or name the model's stages (features: [...])"
+                )
+        s_hint, t_hint = self._hint(s_out), self._hint(t_out)
+        if p.connector == "convreg":
+            self.connector: nn.Module = conv_regressor(s_hint, t_hint)
+        else:
+            self.connector = build_connector(p.connector, s_hint, t_hint, p.factor)
 
     def losses(self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int):
         p = self.params

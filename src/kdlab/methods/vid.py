@@ -24,6 +24,10 @@ class VIDParams(MethodParams):
     feat_weight: float = Field(1.0, ge=0, description="weight of the VID term (RepDistiller -b 1)")
     init_pred_var: float = Field(5.0, gt=0, description="initial variance σ² of every channel (release 5)")
     eps: float = Field(1e-5, gt=0, description="variance floor added to softplus(α) (release 1e-5)")
+    train_variance: bool = Field(
+        True, description="train the per-channel variances with the regressors (RepDistiller, whose numbers the "
+        "papers' VID rows report); false: keep them at init_pred_var (mdistiller never passes them to its optimizer)",
+    )  # fmt: skip
     layers: Literal["stages", "last"] = Field(
         "stages", description="stages: one VID term per intermediate stage pair, summed (the release, feats[1:-1]); "
         "last: only the last pre-pool maps",
@@ -49,7 +53,9 @@ class VID(_FeatureMethod):
     from the first, the longer list truncated), summed; ``layers: last`` uses only the last pre-pool maps. Each pair
     has its own regressor μ (the released 3-layer 1×1-conv net) and per-teacher-channel variance σ² = softplus(α) +
     eps, α initialised so that σ² = ``init_pred_var``; the larger map is average-pooled to the smaller first. Both
-    train with the student and are dropped at test time.
+    train with the student and are dropped at test time. ``train_variance`` follows RepDistiller (the default: α is a
+    parameter of the loss module its optimizer trains); with ``false`` α stays at its initial value, as in mdistiller,
+    whose ``log_scales`` are a plain list its ``get_learnable_parameters`` leaves out.
     """
 
     Params = VIDParams
@@ -79,7 +85,8 @@ class VID(_FeatureMethod):
             for size, (fs, ft) in zip(self._sizes, pairs)
         )
         self.log_scales = nn.ParameterList(
-            nn.Parameter(torch.full((ft.shape[1],), alpha, device=example.device)) for _, ft in pairs
+            nn.Parameter(torch.full((ft.shape[1],), alpha, device=example.device), requires_grad=p.train_variance)
+            for _, ft in pairs
         )
 
     def losses(self, student: ModelOutput, teacher: ModelOutput | None, target: torch.Tensor, epoch: int):

@@ -3,9 +3,10 @@
 Every model — kdlab's zoo or a user's ``nn.Module`` — has ``forward_features(x) -> ModelOutput(logits, prepool,
 pooled, stages, preacts)`` and a ``classifier`` (the final ``nn.Linear``). The zoo is the standard CIFAR KD benchmark (RepDistiller /
 mdistiller names, parameter names and shapes: ``shared/specs/cifar_zoo_state_dicts.json``), the MNIST-1D test bed
-and the ImageNet zoo (``imagenet_resnet18…152`` with torchvision's names, ``imagenet_mobilenet_v1``:
-:mod:`kdlab.models.imagenet`). A name of the form ``package.module:Class`` or ``path/to/file.py:Class`` builds a user
-model seen through forward hooks (:mod:`kdlab.models.taps`).
+and the ImageNet zoo under torchvision's names (``resnet18…152``, ``mobilenet_v1``; the older ``imagenet_…`` names are
+aliases: :data:`ALIASES`, :mod:`kdlab.models.imagenet`). :data:`FAMILIES` says which name is which (``kdlab zoo``).
+A name of the form ``package.module:Class`` or ``path/to/file.py:Class`` builds a user model seen through forward
+hooks (:mod:`kdlab.models.taps`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from kdlab.errors import ConfigError
 from kdlab.models.base import HEAD, ModelOutput, ZooModel, global_pool, num_params
 from kdlab.models.cifar_resnet import CifarResNet
-from kdlab.models.imagenet import IMAGENET_MODELS
+from kdlab.models.imagenet import IMAGENET_ALIASES, IMAGENET_MODELS
 from kdlab.models.mnist1d import Mnist1dCNN, Mnist1dMLP
 from kdlab.models.mobilenetv2 import mobile_half
 from kdlab.models.resnet_bottleneck import BottleneckResNet
@@ -61,6 +62,22 @@ MODELS.add("mnist1d_cnn", Mnist1dCNN)
 MODELS.add("mnist1d_mlp", Mnist1dMLP)
 for _name, _factory in IMAGENET_MODELS.items():
     MODELS.add(_name, _factory)
+#: other names of zoo models, still accepted everywhere: alias → name (resolved as a family, so listings and
+#: "choose from" messages show each model once, under its name)
+ALIASES: dict[str, str] = dict(IMAGENET_ALIASES)
+MODELS.add_family("|".join(map(re.escape, ALIASES)), lambda m: MODELS.get(ALIASES[m[0]]))
+
+_CIFAR = [f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)] + ["resnet8x4", "resnet32x4"]
+_CIFAR += [f"wrn_{d}_{k}" for d, k in ((16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2), (40, 6))]
+_CIFAR += list(VGG_CONFIGS) + ["MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"]
+#: the zoo by family, for listings (``kdlab zoo``): key → (what it is, its input, its default class count, names)
+FAMILIES: dict[str, tuple[str, str, int, list[str]]] = {
+    "cifar": ("CIFAR zoo: RepDistiller / mdistiller names and state dicts (ResNet50 = mdistiller's CIFAR ResNet-50)",
+              "3×32×32", 100, _CIFAR),
+    "imagenet": ("ImageNet zoo: torchvision's names and state dicts (resnet50 is not the CIFAR ResNet50); mobilenet_v1 as the KD releases",
+                 "3×224×224", 1000, list(IMAGENET_MODELS)),
+    "mnist1d": ("MNIST-1D test bed", "1×40", 10, ["mnist1d_cnn", "mnist1d_mlp"]),
+}  # fmt: skip
 
 
 class ModelSpec(Protocol):
@@ -105,5 +122,6 @@ def build(
 
 
 __all__ = [
-    "HEAD", "MODELS", "ModelOutput", "ModelSpec", "TappedModel", "ZooModel", "build", "global_pool", "num_params",
+    "ALIASES", "FAMILIES", "HEAD", "MODELS", "ModelOutput", "ModelSpec", "TappedModel", "ZooModel", "build",
+    "global_pool", "num_params",
 ]  # fmt: skip

@@ -19,6 +19,10 @@ the maps have a different number of spatial dimensions, both are reduced to vect
 
 A connector is fully described by its state dict (layer shapes plus the ``target`` buffer holding the teacher's
 spatial size), so :meth:`Connector.from_state` rebuilds it from a weights file alone.
+
+:func:`conv_regressor` is the other geometry, the releases' hint regressor (RepDistiller / mdistiller ``ConvReg``):
+instead of pooling, its convolution's kernel and stride map the student's map onto the teacher's size, upsampling a
+student map half the teacher's size with a transposed convolution. FitNet (kind ``convreg``) and AB use it.
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ from kdlab.models.output import global_pool
 
 ConnectorKind = Literal["1x1", "1x1-1x1", "bottleneck", "identity"]
 KINDS: tuple[str, ...] = ("1x1", "1x1-1x1", "bottleneck", "identity")
+#: the connectors of a hint (FitNet): the releases' ``convreg`` or one of :data:`KINDS`
+HintConnectorKind = Literal["convreg", "1x1", "1x1-1x1", "bottleneck", "identity"]
 
 _LAYER = {0: nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d}
+_LAYER_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
 _NORM = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 
 
@@ -152,3 +159,38 @@ def build_connector(
         mid = ct // factor
         blocks = [_block(dims, cs, mid), _block(dims, mid, mid, 3), _block(dims, mid, ct)]
     return Connector(blocks, size).to(student.device)
+
+
+def conv_regressor(student: torch.Tensor, teacher: torch.Tensor, relu: bool = True) -> nn.Module:
+    """The releases' hint regressor (RepDistiller / mdistiller ``ConvReg``): one convolution whose geometry maps the
+    student's map onto the teacher's spatial size, then BatchNorm and, with ``relu``, a ReLU. Per spatial dimension,
+    with student size s and teacher size t:
+
+    * s = 2t: a 3×3 convolution, stride 2, padding 1;
+    * 2s = t: a 4×4 transposed convolution, stride 2, padding 1 (the student's map is upsampled, e.g. ShuffleNet's
+      8×8 stage-2 map onto a ResNet's 16×16);
+    * s ≥ t otherwise: a valid convolution of kernel 1 + s − t (1×1 for equal sizes);
+    * a student map smaller by another factor, which the releases refuse: a 1×1 convolution, and the loss pools the
+      teacher's map to the student's size (:func:`align_teacher`).
+
+    The convolution has a bias, as released (the BatchNorm after it cancels it in training mode). Vector features, or
+    maps with different numbers of spatial dimensions, get the ``1x1`` connector (Linear → BN → ReLU on pooled
+    vectors). ``student`` / ``teacher`` are example features from a dry forward pass.
+    """
+    dims = student.dim() - 2
+    if dims < 1 or teacher.dim() != student.dim():
+        return build_connector("1x1", student, teacher)
+    if dims > 2:
+        raise ConfigError(f"connectors support 1-D and 2-D feature maps, got {tuple(student.shape)}")
+    cs, ct = student.shape[1], teacher.shape[1]
+    pairs = list(zip(student.shape[2:], teacher.shape[2:]))
+    if all(s == 2 * t for s, t in pairs):
+        layer: nn.Module = _LAYER[dims](cs, ct, 3, 2, 1)
+    elif all(2 * s == t for s, t in pairs):
+        layer = _LAYER_T[dims](cs, ct, 4, 2, 1)
+    elif all(s >= t for s, t in pairs):
+        layer = _LAYER[dims](cs, ct, tuple(1 + s - t for s, t in pairs))
+    else:
+        layer = _LAYER[dims](cs, ct, 1)
+    mods = [layer, _NORM[dims](ct)] + ([nn.ReLU(inplace=True)] if relu else [])
+    return nn.Sequential(*mods).to(student.device)

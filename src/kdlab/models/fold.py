@@ -140,9 +140,40 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     return (folded, len(pairs), "") if same else (plain, 0, why)
 
 
-def frozen_features(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) -> tuple[nn.Module, str]:
-    """The module that computes ``model.forward_features`` for a frozen forward, and a one-line description: the
-    folded copy of :func:`fold_batchnorm` when ``fold_bn`` and a pair folds, else ``model`` itself."""
+class BatchStatisticsNorm(nn.Module):
+    """A frozen BatchNorm (any dimensionality) that always normalises with the statistics of the batch it is given,
+    in training and eval mode alike, and keeps no running statistics: a teacher "in training mode" whose state never
+    changes. Weight and bias are buffers copied from the BatchNorm it replaces."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        self.register_buffer("weight", None if bn.weight is None else bn.weight.detach().clone())
+        self.register_buffer("bias", None if bn.bias is None else bn.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def batch_statistics_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` with every BatchNorm replaced by :class:`BatchStatisticsNorm` (``model`` is not
+    modified): the teacher of OFD's and WSLD's releases, which run it in training mode, without the running-statistic
+    updates their ``teacher.train()`` also makes (nothing reads them during distillation)."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    for _, parent, key, module in list(_named_slots(frozen)):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent._modules[key] = BatchStatisticsNorm(module)
+    return frozen
+
+
+def frozen_features(
+    model: nn.Module, example: torch.Tensor, fold_bn: bool = True, teacher_bn: str = "eval"
+) -> tuple[nn.Module, str]:
+    """The module that computes ``model.forward_features`` for a frozen forward, and a one-line description: with
+    ``teacher_bn="train"`` a :func:`batch_statistics_copy` (nothing can be folded: the statistics change with every
+    batch); else the folded copy of :func:`fold_batchnorm` when ``fold_bn`` and a pair folds, else ``model`` itself."""
+    if teacher_bn == "train":
+        return FeaturesForward(batch_statistics_copy(model)), "BatchNorms on each batch's statistics (not folded)"
     if not fold_bn:
         return FeaturesForward(model), "BatchNorm folding off"
     forward, folded, why = fold_batchnorm(model, example)
@@ -172,4 +203,7 @@ def _same_outputs(ref_fn: nn.Module, got_fn: nn.Module, example: torch.Tensor) -
     return True, ""
 
 
-__all__ = ["FeaturesForward", "fold_batchnorm", "foldable_pairs", "frozen_features"]
+__all__ = [
+    "BatchStatisticsNorm", "FeaturesForward", "batch_statistics_copy", "fold_batchnorm", "foldable_pairs",
+    "frozen_features",
+]  # fmt: skip

@@ -1,7 +1,9 @@
 """ImageNet zoo: torchvision's ResNets and the MobileNetV1 of the KD releases, written for kdlab (no torchvision).
 
-Registered as ``imagenet_resnet18/34/50/101/152`` and ``imagenet_mobilenet_v1`` (the ``imagenet_`` prefix keeps them
-apart from the CIFAR zoo, whose ``resnet8…110`` and ``ResNet50`` are different 32×32 networks).
+Registered under torchvision's names, ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152`` and
+``mobilenet_v1`` (timm's and the releases' name), with the earlier ``imagenet_…`` forms as aliases. None collides with
+the CIFAR zoo (``resnet8/14/20/32/44/56/110``, ``resnet8x4/32x4``); mind the case of ``resnet50`` (this 224-pixel
+torchvision network) against ``ResNet50`` (mdistiller's CIFAR ResNet-50, a 32×32 network).
 
 * ResNets: torchvision's ``resnet.py`` layout and state-dict names (``conv1``, ``bn1``, ``layer1.0.conv1``, …,
   ``layerN.0.downsample.0/1``, ``fc``) and initialisation (Kaiming-normal fan-out convs, BN 1/0, default Linear), so a
@@ -194,7 +196,9 @@ RESNETS = {
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
+#: the ImageNet zoo under torchvision's (and timm's) names
+IMAGENET_MODELS = {name: partial(ImageNetResNet, block, layers) for name, (block, layers) in RESNETS.items()}
+IMAGENET_MODELS["mobilenet_v1"] = MobileNetV1
+#: the names these models had before (``imagenet_resnet18`` …), still accepted: alias → name
 PREFIX = "imagenet_"
-IMAGENET_MODELS = {f"{PREFIX}{name}": partial(ImageNetResNet, block, layers)
-                   for name, (block, layers) in RESNETS.items()}  # fmt: skip
-IMAGENET_MODELS[f"{PREFIX}mobilenet_v1"] = MobileNetV1
+IMAGENET_ALIASES = {f"{PREFIX}{name}": name for name in IMAGENET_MODELS}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of kdlab's fast path: method agreement with the CPU, images/s grid, a 5-epoch KD run; a markdown
-# table at the end (about 8 minutes on one GPU). Usage:
-#   benchmarks/gpu_check.sh [--data CIFAR100_DIR] [--teacher RESNET32X4_CKPT] [--out gpu_check.md]
-#   benchmarks/gpu_check.sh --device cpu --quick      # a CPU dry run (seconds; used by the tests)
+# The GPU check of kdlab's fast path (benchmarks/gpu_check.py): rows run most important first within --budget
+# seconds (default 420): CPU-vs-device agreement of every method, an images/s grid (live / cached / student, batch
+# 64/256/512, fp32/bf16, eager/compiled), short CIFAR-100 runs, kdlab bench; markdown (--out) and JSON (--json).
+# On the lent GPU machine run benchmarks/device/run.sh instead (prepare.sh prints the call). Usage:
+#   benchmarks/gpu_check.sh [--data CIFAR100_DIR] [--budget SECONDS] [--plan] [--out gpu_check.md] [--json FILE]
+#   benchmarks/gpu_check.sh --device cpu --quick      # a CPU miniature of every row (seconds; the tests run it)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then

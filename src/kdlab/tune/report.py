@@ -41,6 +41,8 @@ def _fmt(v: Any) -> str:
 
 def trial_rows(study: Any, spec: TuneSpec, params: list[Param], out: Path) -> list[dict[str, Any]]:
     """One row per trial, in trial order."""
+    from optuna.trial import TrialState
+
     trials = study.get_trials(deepcopy=False)
     gone = replaced(trials)
     rows = []
@@ -48,7 +50,7 @@ def trial_rows(study: Any, spec: TuneSpec, params: list[Param], out: Path) -> li
         vals = list(t.intermediate_values.values())
         row: dict[str, Any] = {"trial": t.number, "state": _state(t, gone, out)}
         row.update({p.key: p.value(t.params[p.key]) if p.key in t.params else None for p in params})
-        row["val_acc"] = t.value
+        row["val_acc"] = t.value if t.state == TrialState.COMPLETE else None  # Optuna gives pruned ones their last
         row["best_val_acc"] = max(vals) if vals else None
         row["epochs"] = len(vals)
         row["seconds"] = t.user_attrs.get("seconds")
@@ -69,7 +71,7 @@ def importance(study: Any) -> dict[str, float] | str:
         return f"needs at least 2 complete trials (has {len(done)})"
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
     except (RuntimeError, ValueError) as err:  # e.g. every complete trial has the same values
         return f"not computable: {err}"
 

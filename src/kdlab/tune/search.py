@@ -60,8 +60,6 @@ def build_spec(recipe: str, overrides: list[str], space: list[str], opts: Search
     base = copy.deepcopy(raw)
     if not cfg.data.val_split:
         set_dotted(base, ["data", "val_split"], DEFAULT_VAL_SPLIT, "kdlab tune")
-        log(f"tune: data.val_split={DEFAULT_VAL_SPLIT} (the recipe sets none): {DEFAULT_VAL_SPLIT:.0%} of the "
-            "training set is held out and every trial is measured on it")  # fmt: skip
     set_dotted(base, ["data", "read_test"], False, "kdlab tune")
     validate(base)
     for p in params:  # each searched key at the ends of its range (every value of a choice)
@@ -72,6 +70,9 @@ def build_spec(recipe: str, overrides: list[str], space: list[str], opts: Search
                 validate(trial)
             except ConfigError as err:
                 raise ConfigError(f"--space '{p.text}' at {p.key}={value!r}: {err}") from None
+    if not cfg.data.val_split:  # said once everything is checked (a refused spec prints its error alone)
+        log(f"tune: data.val_split={DEFAULT_VAL_SPLIT} (the recipe sets none): {DEFAULT_VAL_SPLIT:.0%} of the "
+            "training set is held out and every trial is measured on it")  # fmt: skip
     startup = opts.startup_trials if opts.startup_trials is not None else max(2, min(10, opts.trials // 3))
     spec = TuneSpec(base=base, recipe=raw, space=[p.text for p in params], trials=opts.trials,
                     objective=opts.objective, sampler=opts.sampler, seed=opts.seed, startup_trials=startup,
@@ -111,8 +112,8 @@ def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConf
 
     jobs = parallel if launcher.name == "local" else 1
     sub = get_launcher(launcher, jobs=jobs, threads=threads).submit(_worker_tasks(out, parallel), out / LAUNCH_DIR)
-    log(f"tune: {parallel} workers ({launcher.name}: {', '.join(sub.job_ids.values()) or 'starting'}); "
-        f"logs in {out / LOGS}")  # fmt: skip
+    ids = f" (jobs {', '.join(sorted(set(sub.job_ids.values())))})" if sub.job_ids else ""
+    log(f"tune: {parallel} {launcher.name} workers{ids}; logs in {out / LOGS}")
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(out, spec, log, stop), daemon=True)
     watcher.start()

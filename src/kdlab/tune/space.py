@@ -2,7 +2,8 @@
 
 Kinds (a registry, :data:`KINDS`):
 
-* ``uniform(a, b)`` / ``uniform(a, b, step)`` — a float drawn uniformly from ``[a, b]`` (on a grid of ``step``);
+* ``uniform(a, b)`` / ``uniform(a, b, step)`` — a float drawn uniformly from ``[a, b]`` (on a grid of ``step``,
+  which must divide ``b - a``);
 * ``log(a, b)`` — a float drawn log-uniformly from ``[a, b]`` (``0 < a``);
 * ``int(a, b)`` / ``int(a, b, step)`` — an integer from ``a … b`` (inclusive);
 * ``logint(a, b)`` — an integer from ``a … b``, log-uniformly (``1 ≤ a``);
@@ -109,7 +110,7 @@ def _number(text: str, integer: bool) -> float | int:
     return value
 
 
-def _range(integer: bool, positive: float | None, step: bool) -> Callable[[str, list[str]], tuple[Any, ...]]:
+def _range(integer: bool, log: bool, step: bool) -> Callable[[str, list[str]], tuple[Any, ...]]:
     def check(kind: str, args: list[str]) -> tuple[Any, ...]:
         if len(args) not in ((2, 3) if step else (2,)):
             raise ValueError(f"takes {'2 or 3 arguments' if step else '2 arguments'}, got {len(args)}")
@@ -117,10 +118,14 @@ def _range(integer: bool, positive: float | None, step: bool) -> Callable[[str, 
         lo, hi = nums[0], nums[1]
         if not lo < hi:
             raise ValueError(f"needs low < high, got {lo:g} and {hi:g}")
-        if positive is not None and lo < positive:
-            raise ValueError(f"needs low >= {positive:g} (a log scale), got {lo:g}")
-        if len(nums) == 3 and not 0 < nums[2] <= hi - lo:
-            raise ValueError(f"needs 0 < step <= high - low, got step {nums[2]:g}")
+        if log and (lo < 1 if integer else lo <= 0):
+            raise ValueError(f"needs low {'>= 1' if integer else '> 0'} (a log scale), got {lo:g}")
+        if len(nums) == 3:
+            st = nums[2]
+            if not 0 < st <= hi - lo:
+                raise ValueError(f"needs 0 < step <= high - low, got step {st:g}")
+            if abs(round((hi - lo) / st) * st - (hi - lo)) > 1e-9 * max(1.0, abs(hi - lo)):
+                raise ValueError(f"needs high - low to be a multiple of step {st:g}")
         return nums
 
     return check
@@ -132,9 +137,12 @@ def _choice(kind: str, args: list[str]) -> tuple[Any, ...]:
     values = []
     for a in args:
         try:
-            v = yaml.safe_load(a)
-        except yaml.YAMLError:
-            raise ValueError(f"'{a}' is not a YAML value") from None
+            v = _number(a, False)  # 1e-6 is a number here (YAML 1.1 would read a string)
+        except ValueError:
+            try:
+                v = yaml.safe_load(a)
+            except yaml.YAMLError:
+                raise ValueError(f"'{a}' is not a YAML value") from None
         values.append(v if isinstance(v, _SCALARS) else a)  # lists/mappings travel as their text
     if len({repr(v) for v in values}) < len(values):
         raise ValueError("lists a value twice")
@@ -157,10 +165,10 @@ def _categorical(p: Param) -> Any:
     return CategoricalDistribution(list(p.args))
 
 
-KINDS.add("uniform", Kind(_range(False, None, True), _dist("FloatDistribution"), "uniform(low, high[, step])"))
-KINDS.add("log", Kind(_range(False, 0.0, False), _dist("FloatDistribution", log=True), "log(low, high)"))
-KINDS.add("int", Kind(_range(True, None, True), _dist("IntDistribution"), "int(low, high[, step])"))
-KINDS.add("logint", Kind(_range(True, 1, False), _dist("IntDistribution", log=True), "logint(low, high)"))
+KINDS.add("uniform", Kind(_range(False, False, True), _dist("FloatDistribution"), "uniform(low, high[, step])"))
+KINDS.add("log", Kind(_range(False, True, False), _dist("FloatDistribution", log=True), "log(low, high)"))
+KINDS.add("int", Kind(_range(True, False, True), _dist("IntDistribution"), "int(low, high[, step])"))
+KINDS.add("logint", Kind(_range(True, True, False), _dist("IntDistribution", log=True), "logint(low, high)"))
 KINDS.add("choice", Kind(_choice, _categorical, "choice(value, value, ...)"))
 
 

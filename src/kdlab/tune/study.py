@@ -6,8 +6,10 @@ may change); anything else is refused. ``OUT/study.journal`` is Optuna's :class:
 one append-only file whose writers take a lock file (a symlink, atomic on NFS), so local worker processes and Slurm
 jobs on other nodes share one study through a shared folder.
 
-Workers take trials one at a time inside :func:`claim` (a second lock file): they first hand back the trials of dead
-workers, then take a waiting trial or ask the sampler for a new one while fewer than ``trials`` are counted. A worker
+Workers take trials one at a time inside :func:`claim` (``flock`` on ``OUT/claim.lock``): they first hand back the
+trials of dead workers, then take a waiting trial or ask the sampler for a new one while fewer than ``trials`` are
+counted (a stale symlink lock would stall every worker for its grace period after a kill; ``flock`` dies with its
+holder). A worker
 is alive while it holds ``flock`` on ``OUT/workers/ID.lock`` (the lock kdlab's run folders use; the kernel, or the
 NFS server's lease, drops it when the process dies). A RUNNING trial whose worker is dead is marked FAIL and queued
 again with the same parameters and the same run folder, so the next worker *resumes* its run from the last epoch
@@ -38,8 +40,9 @@ STUDY_NAME = "kdlab-tune"
 TRIALS_DIR = "trials"
 WORKERS_DIR = "workers"
 FORMAT = 1
-#: spec fields a rerun may change (the launcher section never changes results)
-MAY_CHANGE = ("trials", "recipe_path", "base.launcher", "recipe.launcher")
+#: spec fields a rerun may change (the launcher section never changes results; the number of random start-up trials
+#: follows --trials by default)
+MAY_CHANGE = ("trials", "startup_trials", "recipe_path", "base.launcher", "recipe.launcher")
 #: the row key reported to the pruner after every epoch
 REPORTED = "val_acc"
 #: summary.json keys of the two objectives
@@ -180,16 +183,14 @@ def open_study(out: Path, spec: TuneSpec, sampler_seed: int | None = None, creat
 
 @contextlib.contextmanager
 def claim(out: Path) -> Iterator[None]:
-    """Hold the study's claim lock (a symlink lock like the journal's: safe on NFS; a holder dead for 30 s loses
-    it)."""
-    from optuna.storages.journal import JournalFileSymlinkLock
+    """Hold the study's claim lock: ``flock`` on ``OUT/claim.lock``, waiting for it. Like kdlab's run-folder lock it
+    dies with its holder (a worker killed while claiming never blocks the others; NFSv4 keeps such locks on the
+    server)."""
+    import fcntl
 
-    lock = JournalFileSymlinkLock(str(out / "claim"), grace_period=30)
-    lock.acquire()
-    try:
+    with open(out / "claim.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         yield
-    finally:
-        lock.release()
 
 
 class WorkerLock:
@@ -290,10 +291,12 @@ def trial_line(t: Any, note: str = "") -> str:
     values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
     if not note:
         note = t.user_attrs.get("error") or t.user_attrs.get("stopped") or ""
-        if t.value is not None:
+        if t.state.name == "COMPLETE":
             note = f"val {t.value:.2f}%"
-        elif t.intermediate_values and not note:
-            note = f"pruned at epoch {max(t.intermediate_values)}"
+        elif t.state.name == "FAIL" and not note:
+            note = "interrupted (its worker died; queued again)"
+        elif t.state.name == "PRUNED" and not note:
+            note = f"pruned at epoch {max(t.intermediate_values)}" if t.intermediate_values else "pruned"
     again = f" (resumed trial {t.user_attrs['retry_of']})" if "retry_of" in t.user_attrs else ""
     secs = t.user_attrs.get("seconds")
     took = f"  ({secs:.1f} s)" if secs is not None else ""

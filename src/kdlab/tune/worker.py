@@ -62,6 +62,7 @@ class ReportToPruner(Callback):
     def __init__(self, trial: Any) -> None:
         self.trial = trial
         self.prune_at: int | None = None
+        self.last = float("nan")
 
     def on_train_start(self, trainer: Trainer) -> None:
         """A resumed trial: report the epochs that ran before (its ``metrics.jsonl`` as the trainer restored it)."""
@@ -74,6 +75,7 @@ class ReportToPruner(Callback):
 
     def on_epoch_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if row["epoch"] > 0:  # a method's pre-phase (epochs <= 0) is not reported
+            self.last = row[REPORTED]
             self.trial.report(row[REPORTED], row["epoch"])
             if self.trial.should_prune():
                 self.prune_at = row["epoch"]
@@ -133,7 +135,7 @@ def run_trial(job: Claimed, study: Any, spec: TuneSpec, params: list[Param], log
         state, value = TrialState.COMPLETE, summary[OBJECTIVES[spec.objective]]
         note = f"val {value:.2f}%"
     except optuna.TrialPruned as err:
-        state, note = TrialState.PRUNED, str(err)
+        state, note = TrialState.PRUNED, f"{err} (val {report.last:.2f}%)"
     except NonFiniteLossError as err:
         state, note = TrialState.PRUNED, f"diverged: {err}"
         trial.set_user_attr("stopped", note)

@@ -44,7 +44,7 @@ ifeq ($(LOCKED),1)
 	$(PIP) --require-hashes --no-deps -r $(REQ)/lock-extras.txt
 	$(BIN)/pip check
 else
-	$(PIP) -e ".[test,trackers,slurm,tune]"
+	$(PIP) -e ".[test,trackers,images,slurm,tune]"
 endif
 	touch $@
 

@@ -149,6 +149,16 @@ def test_a_teacher_cache_cannot_replay_batch_statistics(method, tmp_path):
         assert cache_refusal(method, build_method(method, {"teacher_bn": "eval"})) is None
 
 
+def test_sweeps_keep_a_batch_statistics_teacher_live(tmp_path):
+    from conftest import CONFIGS
+    from kdlab.config import load_config
+    from kdlab.pipelines.plan_cache import with_cache
+
+    recipe = CONFIGS / "mnist1d" / "student_kd.yaml"
+    assert with_cache(load_config(recipe, ["method.name=wsld"]), tmp_path, 1).teacher.cache is None
+    assert with_cache(load_config(recipe, ["method.name=wsld", "method.teacher_bn=eval"]), tmp_path, 1).teacher.cache
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 3: CAT-KD's student classifier
 

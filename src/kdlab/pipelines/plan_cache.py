@@ -40,14 +40,14 @@ def same_plan_cache(a: str | None, b: str | None) -> bool:
 
 def with_cache(cfg: RunConfig, out: Path, views: int) -> RunConfig:
     """``cfg`` with ``teacher.cache`` set to the plan's cache for its teacher and data (distillation runs only)."""
+    from kdlab.engine.teacher_cache import cache_refusal
     from kdlab.methods import build_method
-    from kdlab.models.output import STAGE_FIELDS
 
     method = build_method(cfg.method.name, cfg.method.params())
     if cfg.teacher is None or cfg.teacher.cache or not method.needs_teacher:
         return cfg
-    if set(method.teacher_outputs) & set(STAGE_FIELDS):
-        return cfg  # stage features are not cached: these runs keep a live teacher
+    if cache_refusal(cfg.method.name, method):
+        return cfg  # stage features or batch statistics are not cached: these runs keep a live teacher
     key = {  # settings left at their defaults are left out, so that new config keys do not rename caches
         "teacher": _non_default(cfg.teacher, exclude={"cache"}),
         "data": _non_default(cfg.data, exclude={"label_noise", "label_noise_seed"}),

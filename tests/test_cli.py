@@ -448,6 +448,19 @@ CASES = {
                                                                                      "--out", t / "c.safetensors"], "method 'wsld' runs the teacher's BatchNorms"),
     "wsld: teacher_bn neither train nor eval": (lambda t: ["distill", KD, "method.name=wsld", "method.teacher_bn=batch", "--out", RUN],
                                                 "method.teacher_bn: Input should be 'train' or 'eval'"),
+    # -- round three: kdlab tune (issue 20 §5)
+    "tune: --space without KIND(ARGS)": (lambda t: ["tune", CE, "--space", "optim.lr=0.1", "--trials", "2", "--out", t / "s"],
+                                         "--space 'optim.lr=0.1' must look like key.sub=KIND(ARGS)"),
+    "tune: unknown space kind": (lambda t: ["tune", CE, "--space", "optim.lr=normal(0,1)", "--trials", "2", "--out", t / "s"],
+                                 "unknown kind 'normal'"),
+    "tune: log range from 0": (lambda t: ["tune", CE, "--space", "optim.lr=log(0,1)", "--trials", "2", "--out", t / "s"],
+                               "log() needs low > 0 (a log scale), got 0"),
+    "tune: searched key the method lacks": (lambda t: ["tune", CE, "--space", "method.temperature=log(1,16)", "--trials", "2", "--out", t / "s"],
+                                            "unknown key 'method.temperature'"),
+    "tune: zero trials": (lambda t: ["tune", CE, "--space", "optim.lr=log(0.01,1)", "--trials", "0", "--out", t / "s"],
+                          "--trials: must be a positive integer, got 0"),
+    "tune: --out is a run folder": (lambda t: ["tune", CE, "--space", "optim.lr=log(0.01,1)", "--trials", "2", "--out", RUN],
+                                    "is not empty and holds no kdlab tune study"),
 }  # fmt: skip
 
 

@@ -96,8 +96,9 @@ def test_space_keys_once_and_not_nested():
     (["--space", "optim.lr=log(1e-3,1)", "--pruner", "medain"], "unknown pruner 'medain' (did you mean 'median'?)"),
     (["--space", "optim.lr=log(1e-3,1)", "--sampler", "grid"], "unknown sampler 'grid'"),
     (["--space", "optim.lr=log(1e-3,1)", "data.val_split=1.5"], "data.val_split: must be a fraction below 1"),
+    (["--space", "method.temperature=log(1,16)", "--dry-run"], "checkpoint not found: unused"),  # builds a trial
 ], ids=["unknown key", "refused value", "overridden and searched", "unknown kind", "no space", "unknown pruner",
-        "unknown sampler", "bad val split"])  # fmt: skip
+        "unknown sampler", "bad val split", "dry run: missing teacher"])  # fmt: skip
 def test_bad_tune_input_one_line_exit_2_nothing_written(tmp_path, capsys, extra, message):
     out = tmp_path / "study"
     code = main(["tune", KD, "teacher.checkpoint=unused", "--trials", "2", "--out", out, *extra])

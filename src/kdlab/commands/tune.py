@@ -65,11 +65,16 @@ def tune(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"launcher.name={args.launcher}"] if args.launcher else [])
     opts = SearchOptions(args.trials, args.objective, args.sampler, args.seed, args.startup_trials, args.pruner,
                          args.pruner_startup, args.pruner_warmup)  # fmt: skip
-    spec, params = build_spec(args.config, overrides, args.space, opts, log)
+    spec, params = build_spec(args.config, overrides, args.space, opts)
     from kdlab.config import validate
 
     launcher = validate(spec.base).launcher
-    if args.dry_run:
+    if args.dry_run:  # one trial (each key at its low end) built as `kdlab train --dry-run` builds a run
+        from kdlab.engine import Trainer
+        from kdlab.tune.worker import trial_config
+
+        cfg = trial_config(spec, params, {p.key: p.corners()[0] for p in params}, 0)
+        Trainer(cfg, out / "trials" / "dry-run")
         print(f"dry run ok: {len(params)} searched keys, {args.trials} trials on {launcher.name}; nothing written")
         return 0
     if launcher.name != "local" or args.parallel > 1:

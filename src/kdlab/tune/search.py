@@ -44,8 +44,7 @@ class SearchOptions:
     pruner_warmup: int = 0
 
 
-def build_spec(recipe: str, overrides: list[str], space: list[str], opts: SearchOptions,
-               log: Log = lambda m: None) -> tuple[TuneSpec, list[Param]]:  # fmt: skip
+def build_spec(recipe: str, overrides: list[str], space: list[str], opts: SearchOptions) -> tuple[TuneSpec, list[Param]]:
     """Read and check everything a study needs; writes nothing."""
     from kdlab.tune.study import PRUNERS, SAMPLERS
 
@@ -70,9 +69,6 @@ def build_spec(recipe: str, overrides: list[str], space: list[str], opts: Search
                 validate(trial)
             except ConfigError as err:
                 raise ConfigError(f"--space '{p.text}' at {p.key}={value!r}: {err}") from None
-    if not cfg.data.val_split:  # said once everything is checked (a refused spec prints its error alone)
-        log(f"tune: data.val_split={DEFAULT_VAL_SPLIT} (the recipe sets none): {DEFAULT_VAL_SPLIT:.0%} of the "
-            "training set is held out and every trial is measured on it")  # fmt: skip
     startup = opts.startup_trials if opts.startup_trials is not None else max(2, min(10, opts.trials // 3))
     spec = TuneSpec(base=base, recipe=raw, space=[p.text for p in params], trials=opts.trials,
                     objective=opts.objective, sampler=opts.sampler, seed=opts.seed, startup_trials=startup,
@@ -137,6 +133,9 @@ def run_tune(spec: TuneSpec, params: list[Param], out: Path, *, parallel: int = 
 
     launcher = launcher or LauncherConfig()
     again = check_study_folder(out, spec)
+    if not (spec.recipe.get("data") or {}).get("val_split"):  # said once the folder is accepted
+        log(f"tune: data.val_split={DEFAULT_VAL_SPLIT} (the recipe sets none): {DEFAULT_VAL_SPLIT:.0%} of the "
+            "training set is held out and every trial is measured on it")  # fmt: skip
     with FolderLock(out):  # one `kdlab tune` per study folder (its workers take trials under the claim lock)
         spec.save(out)
         study = open_study(out, spec, create=True)

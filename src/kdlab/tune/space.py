@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from kdlab.errors import UsageError
+from kdlab.pipelines.axes import split_top_level  # the grid's splitter: commas inside brackets or quotes stay
 from kdlab.registry import Registry
 
 _OPTION = re.compile(r"\s*([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\s*=\s*([a-z]+)\s*\((.*)\)\s*", re.S)
@@ -73,27 +74,6 @@ def choice_value(text: Any) -> Any:
     if isinstance(text, str) and text[:1] in "[{":
         return yaml.safe_load(text)
     return text
-
-
-def split_args(body: str) -> list[str]:
-    """Split ``a, [b, c], 'd,e'`` at the commas outside brackets, braces and quotes."""
-    out, cur, depth, quote = [], [], 0, ""
-    for ch in body:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-            continue
-        cur.append(ch)
-    out.append("".join(cur).strip())
-    return out
 
 
 def _number(text: str, integer: bool) -> float | int:
@@ -182,7 +162,7 @@ def parse_param(text: str) -> Param:
     if kind not in KINDS:
         raise UsageError(f"--space '{text}': unknown kind '{kind}'; use one of: {kinds}")
     try:
-        args = KINDS.get(kind).check(kind, split_args(body))
+        args = KINDS.get(kind).check(kind, split_top_level(body))
     except ValueError as err:
         raise UsageError(f"--space '{text}': {kind}() {err}") from None
     return Param(key, kind, args, text.strip())

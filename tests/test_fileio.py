@@ -18,13 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_hang():
-    """A read that blocks (a FIFO opened the plain way) fails the test after 20 s instead of hanging CI."""
+    """A read that blocks (a FIFO opened the plain way) fails the test after 60 s instead of hanging CI."""
 
     def hung(signum, frame):
         raise TimeoutError("blocked on a file")
 
     old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
+    signal.alarm(60)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)

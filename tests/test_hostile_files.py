@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 from pathlib import Path
 
 import pytest
 
 from conftest import CONFIGS, SMALL
+from test_fileio import no_hang  # noqa: F401  (a fixture: a blocked read fails, never hangs)
 
 CE = CONFIGS / "mnist1d" / "student_ce.yaml"
 KD = CONFIGS / "mnist1d" / "student_kd.yaml"
@@ -34,18 +34,6 @@ def _finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run(tmp_path: Path, _finished: Path) -> Path:
     return Path(shutil.copytree(_finished, tmp_path / "run", symlinks=True))
-
-
-@pytest.fixture
-def no_hang():
-    def hung(signum, frame):
-        raise TimeoutError("blocked on a file")
-
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def _plant(path: Path, how: str) -> Path:

@@ -1,6 +1,6 @@
 """A signal never costs the run (issue 19 §5): real SIGTERM / SIGINT / SIGKILL sent to real ``kdlab`` processes at
-chosen moments — before anything is written, during the first epoch, inside the first checkpoint write (later
-moments: ``test_run_integrity.py``), inside a teacher-cache write — and what each leaves behind.
+chosen moments — during the first epoch, inside the first checkpoint write (later moments:
+``test_run_integrity.py``), inside a teacher-cache write — and what each leaves behind.
 
 A moment is reached by a small driver that wraps one kdlab function to stop there (it writes a marker file, then
 sleeps); the test waits for the marker and sends the signal, so the signal lands exactly at that moment.
@@ -35,14 +35,7 @@ def pause():
     time.sleep(600)  # the test's signal arrives here
 
 
-if moment == "startup":  # validation, before the run folder exists
-    import kdlab.engine.trainer as tr
-    real_check = tr.check_model_fits_data
-    def check(*a, **k):
-        pause()
-        return real_check(*a, **k)
-    tr.check_model_fits_data = check
-elif moment == "first epoch":  # config.yaml written, epoch 1 training
+if moment == "first epoch":  # config.yaml written, epoch 1 training
     import kdlab.engine.trainer as tr
     real_epoch = tr.Trainer.train_epoch
     def train_epoch(self, epoch):
@@ -122,9 +115,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 @pytest.mark.parametrize(
     ("moment", "sig", "code", "line"),
     [
-        ("first epoch", signal.SIGTERM, 143, "kdlab: terminated (SIGTERM)"),
+        ("first epoch", signal.SIGINT, 130, "kdlab: interrupted"),
         ("first checkpoint", signal.SIGTERM, 143, "kdlab: terminated (SIGTERM)"),
-        ("first checkpoint", signal.SIGINT, 130, "kdlab: interrupted"),
     ],
 )
 def test_a_signal_before_the_first_checkpoint_keeps_the_run(tmp_path, reference, capsys, moment, sig, code, line):
@@ -142,42 +134,56 @@ def test_a_signal_before_the_first_checkpoint_keeps_the_run(tmp_path, reference,
     assert _epochs(out) == [1, 2] and _same_weights(out, reference)
 
 
-def test_a_signal_before_anything_is_written_leaves_nothing(tmp_path):
-    out = tmp_path / "run"
-    proc, _ = _start(tmp_path, "startup", "train", CE, "--out", out, "--quiet", *SMALL)
-    assert _stop(proc, signal.SIGTERM) == (143, ["kdlab: terminated (SIGTERM)"])
-    assert not out.exists()  # as before the command: a plain start (or `--resume` saying so) is next
-
-
 def _cache_args(teacher_run: Path, out: Path) -> list[object]:
     return ["cache-teacher", KD, f"teacher.checkpoint={teacher_run}", *SMALL, "--views", "2", "--out", out]
 
 
-def test_a_killed_cache_teacher_leaves_a_temporary_the_next_run_removes(tmp_path, teacher_run, capsys):
+def test_cache_teacher_temporaries_live_and_stale(tmp_path, teacher_run, capsys):
+    """Two cache-teacher processes writing one file: the second leaves the first's temporary alone (it is alive);
+    the first then killed outright (SIGKILL: no cleanup) leaves it behind, and the next run removes it (today's main
+    left it forever). A file of yours of another pattern stays."""
     from kdlab.cli import main
     from kdlab.engine.teacher_cache import TeacherCache
 
     out = tmp_path / "c.safetensors"
-    (tmp_path / ".c.safetensors.mine.tmp").write_text("a file of yours")  # not kdlab's pattern: kept
-    proc, _ = _start(tmp_path, "cache write", *_cache_args(teacher_run, out))
-    assert _stop(proc, signal.SIGKILL)[0] == -signal.SIGKILL  # no cleanup at all
-    stale = [p.name for p in tmp_path.glob(".c.safetensors.*.tmp") if p.name != ".c.safetensors.mine.tmp"]
-    assert len(stale) == 1 and not out.exists()
-    assert main(_cache_args(teacher_run, out)) == 0
+    (tmp_path / ".c.safetensors.mine.tmp").write_text("a file of yours")
+    first, _ = _start(tmp_path, "cache write", *_cache_args(teacher_run, out))
+    (live,) = [p for p in tmp_path.glob(".c.safetensors.*.tmp") if p.name != ".c.safetensors.mine.tmp"]
+    assert main(_cache_args(teacher_run, out)) == 0 and live.exists()  # still being written by the first
+    assert _stop(first, signal.SIGKILL)[0] == -signal.SIGKILL and live.exists()  # now stale
+    assert main([*_cache_args(teacher_run, out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.glob(".c.safetensors.*")) == [".c.safetensors.mine.tmp"]
     assert TeacherCache(out).info.views == 2
 
 
-def test_a_live_writers_temporary_is_never_removed(tmp_path, teacher_run, capsys):
-    """Two cache-teacher processes writing the same file: the second one leaves the first one's temporary alone;
-    the first, stopped by SIGTERM, removes its own; the second's cache stays."""
-    from kdlab.cli import main
-    from kdlab.engine.teacher_cache import TeacherCache
+def test_temporaries_are_removed_only_when_no_live_writer_holds_them(tmp_path, monkeypatch):
+    """The rules of kdlab.engine.atomic: a locked temporary stays, an unlocked one of the target's exact pattern
+    goes, a link or another name never does, and a writer whose fresh temporary a cleaner took starts a new one."""
+    import tempfile
 
-    out = tmp_path / "c.safetensors"
-    first, _ = _start(tmp_path, "cache write", *_cache_args(teacher_run, out))
-    (live,) = tmp_path.glob(".c.safetensors.*.tmp")
-    assert main(_cache_args(teacher_run, out)) == 0
-    assert live.exists()  # still being written by the first process
-    assert _stop(first, signal.SIGTERM) == (143, ["kdlab: terminated (SIGTERM)"])
-    assert not live.exists() and TeacherCache(out).info.views == 2
+    from kdlab.engine import atomic
+
+    target = tmp_path / "c.safetensors"
+    fd, live = atomic.new_temp(target)
+    (tmp_path / ".c.safetensors.zz.tmp").write_text("not mkstemp's pattern")
+    (tmp_path / ".c.safetensors.abcdefgh.tmp").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / ".other.safetensors.abcdefgh.tmp").write_text("another target's")
+    assert atomic.remove_stale_temps_of(target) == [] and Path(live).exists()
+    os.close(fd)  # the writer died: its lock went with it
+    assert atomic.remove_stale_temps_of(target) == [Path(live)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".c.safetensors.abcdefgh.tmp", ".c.safetensors.zz.tmp", ".other.safetensors.abcdefgh.tmp"]
+
+    real, taken = tempfile.mkstemp, []
+
+    def mkstemp(*a, **k):  # a cleaner runs in the instant between creating and locking the first one
+        fd, name = real(*a, **k)
+        if not taken:
+            taken.append(name)
+            assert atomic.remove_if_dead(Path(name))
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    fd, name = atomic.new_temp(target)
+    assert name != taken[0] and Path(name).exists() and not Path(taken[0]).exists()
+    os.close(fd)

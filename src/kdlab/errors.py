@@ -90,7 +90,7 @@ def _writable_ancestor(path: Path) -> None:
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
     """Before any work is done: ``path`` can be written as a file (not a folder, not below a file, in a writable
     folder; an existing file only with ``--overwrite``). Folders on the way that do not exist yet are created by the
-    writer when it writes (:func:`kdlab.engine.atomic.atomic_write_bytes` with ``parents=True``)."""
+    writer when it writes (:func:`kdlab.engine.atomic.atomic_write_bytes` with ``output=True``)."""
     path = Path(path)
     if path.is_dir():
         raise KdlabError(f"{flag} {path} is a folder; give a file name")

@@ -87,7 +87,8 @@ def human(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def _describe_mode(mode: int) -> str:
+def describe_mode(mode: int) -> str:
+    """What a file that is not regular is, for messages: ``a FIFO (named pipe)``, ``a device``, ``a folder`` …"""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
@@ -116,7 +117,7 @@ def _open_checked(
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} {path} is {_describe_mode(st.st_mode)}, not a regular file")
+            raise error(f"{what} {path} is {describe_mode(st.st_mode)}, not a regular file")
         if st.st_size > limit:
             raise error(
                 f"{what} {path} is {human(st.st_size)}, over the {human(limit)} limit for {kind} files "

@@ -27,6 +27,6 @@ def compare(args: argparse.Namespace) -> int:
     md = comparison_markdown(rows, only_paper=args.paper_only)
     for path, text in ((args.csv, comparison_csv(rows) if args.csv else ""), (args.md, md + "\n")):
         if path:
-            atomic_write_text(path, text, parents=True)
+            atomic_write_text(path, text, output=True)
     print(md)
     return 0

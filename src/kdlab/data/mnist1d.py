@@ -69,12 +69,11 @@ def load_mnist1d(
         arrays = generate_mnist1d(num_samples, train_split)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            from kdlab.engine.atomic import atomic_write_bytes, remove_stale_temps_of  # lazily: engine imports data
+            from kdlab.engine.atomic import atomic_write_bytes  # lazily: kdlab.engine imports kdlab.data
 
             buf = io.BytesIO()
             np.savez(buf, **arrays)
-            remove_stale_temps_of(path)  # those of killed writers (a live writer's stay: kdlab.engine.atomic)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_write_bytes(path, buf.getvalue(), output=True)  # also removes killed writers' temporaries
         except (OSError, KdlabError):
             pass  # caching is an optimisation; an unwritable cache folder is not an error
     x = torch.from_numpy(arrays["x"].astype(np.float32))

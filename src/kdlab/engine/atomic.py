@@ -136,18 +136,20 @@ def remove_stale_temps_of(path: str | Path) -> list[Path]:
     return [path.parent / n for n in names if remove_if_dead(path.parent / n)]
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, parents: bool = False) -> str:
+def atomic_write_bytes(path: str | Path, data: bytes, output: bool = False) -> str:
     """Atomically replace ``path`` with ``data``; returns the SHA-256 hex digest of what was written.
 
     On any failure (e.g. a full disk) the temporary file is removed, the old ``path`` is left as it was and a
-    one-line :class:`~kdlab.errors.WriteError` is raised. ``parents``: create missing folders on the way (for
-    files the user names, checked beforehand with :func:`kdlab.errors.check_output_file`).
+    one-line :class:`~kdlab.errors.WriteError` is raised. ``output``: a file the user named (checked beforehand
+    with :func:`kdlab.errors.check_output_file`): missing folders on the way are created and the temporaries that
+    killed writers of it left are removed (files in a run folder get that from the folder's lock instead).
     """
     path = Path(path)
     tmp = None
     try:
-        if parents:
+        if output:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps_of(path)
         fd, tmp = new_temp(path)
         with os.fdopen(fd, "wb") as f:
             chmod_like_open(f.fileno())
@@ -170,8 +172,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, parents: bool = False) -> 
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str, parents: bool = False) -> str:
-    return atomic_write_bytes(path, text.encode(), parents)
+def atomic_write_text(path: str | Path, text: str, output: bool = False) -> str:
+    return atomic_write_bytes(path, text.encode(), output)
 
 
 def sha256_file(path: str | Path, kind: str = "checkpoint") -> str:

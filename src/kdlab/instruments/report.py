@@ -280,5 +280,5 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: boo
         imgs = [base / n for n in names if isinstance(n, str) and Path(n).name == n and (base / n).is_file()]
         parts.append("<div class='grid'>" + "".join(_img(p, f"{s['name']} {p.stem}") for p in imgs) + "</div>")
     parts.append("</body></html>")
-    atomic_write_text(out, "\n".join(parts), parents=True)
+    atomic_write_text(out, "\n".join(parts), output=True)
     return out

@@ -286,19 +286,23 @@ def _teacher_cache(ctx: Ctx) -> Path:
     return ctx.cache
 
 
+def _speed_cfg(ctx: Ctx, mode: str, batch: int, amp: str, compiled: bool, cache: Path | None):
+    teacher, student = ctx.pair
+    extra = [f"train.amp={amp}", f"train.compile={str(compiled).lower()}", "train.drop_last=true"]
+    if cache is not None:
+        extra.append(f"teacher.cache={cache}")
+    return _cfg(ctx, student, None if mode == "student" else teacher,
+                _data(ctx, max(ctx.speed_images, batch), 64 if ctx.quick else 512),
+                {"epochs": 100, "batch_size": batch}, extra)  # fmt: skip
+
+
 def speed_row(ctx: Ctx, mode: str, batch: int, amp: str, compiled: bool) -> dict:
     """Images/s of ``mode`` (live / cached / student): median of the timed epochs after one warm-up epoch."""
-    teacher, student = ctx.pair
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if compiled:
         torch.compiler.reset()  # each compiled row starts clean: no recompile limit carried over from the last row
-    extra = [f"train.amp={amp}", f"train.compile={str(compiled).lower()}", "train.drop_last=true"]
-    if mode == "cached":
-        extra.append(f"teacher.cache={_teacher_cache(ctx)}")
-    n = max(ctx.speed_images, batch)
-    cfg = _cfg(ctx, student, None if mode == "student" else teacher, _data(ctx, n, 64 if ctx.quick else 512),
-               {"epochs": 100, "batch_size": batch}, extra)  # fmt: skip
+    cfg = _speed_cfg(ctx, mode, batch, amp, compiled, _teacher_cache(ctx) if mode == "cached" else None)
     tr = Trainer(cfg, ctx.tmp / f"speed-{mode}-{batch}-{amp}-{compiled}")
     images = tr.data.num_train // batch * batch
     if ctx.cuda:

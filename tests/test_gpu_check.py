@@ -172,3 +172,19 @@ def test_quick_cpu_run_measures_every_row_and_writes_the_report(tmp_path, one_th
         assert part in text
     assert "| 16 | bf16 | eager |" in text and "| 16 | fp32 | eager |" in text and "| crd |" in text
     assert "Rows not measured" not in text
+
+
+def test_every_full_size_row_has_a_valid_config(tmp_path):
+    """The device rows are the quick ones at full size: their configs (resnet32x4 → resnet8x4 on the slice, batch up
+    to 512, compiled, the accuracy runs' recipe) validate here."""
+    ctx = gc.Ctx("cuda", tmp_path, False, tmp_path / "cifar100", None, 20, 20)
+    for mode in gc.MODES:
+        for batch in gc.BATCHES:
+            cfg = gc._speed_cfg(ctx, mode, batch, "bf16", True, tmp_path / "c.safetensors" if mode == "cached" else None)
+            assert (cfg.model.name, cfg.train.batch_size, cfg.train.compile, cfg.train.drop_last) == (
+                "resnet8x4", batch, True, True)  # fmt: skip
+            assert (cfg.teacher is None) == (mode == "student") and cfg.data.max_train_samples == 20000
+    kd = gc._accuracy_cfg(ctx, "resnet8x4", tmp_path / "acc-teacher", "kd", 20)
+    assert (kd.method.name, kd.teacher.name, kd.optim.lr, kd.schedule.name, kd.schedule.warmup_epochs) == (
+        "kd", "resnet32x4", 0.1, "cosine", 1)  # fmt: skip
+    assert kd.data.name == "cifar100" and kd.data.max_train_samples == 20000 and kd.train.epochs == 20

@@ -34,6 +34,7 @@ shard and the member, or, with ``data.skip_bad_images``, skipped (every sample i
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -161,9 +162,9 @@ def _check_commands(urls: list[str]) -> None:
 def _open_stream(url: str) -> IO[bytes]:
     """A remote shard or ``pipe:`` command opened by the webdataset package (``pipe:`` only under --trust-code)."""
     _check_commands([url])
-    from webdataset import gopen
+    from webdataset.gopen import gopen  # (the package's top-level `gopen` is the function, not this module)
 
-    return gopen.gopen(url, "rb")
+    return gopen(url, "rb")
 
 
 def _why(err: BaseException) -> str:
@@ -317,8 +318,22 @@ class _ShardStream:
         except KdlabError:
             raise
         except Exception as err:
-            raise DataError(f"cannot read {self.where()} ({_why(err)})") from None
+            raise DataError(f"cannot read {self.where()} ({_why(err)}{self._exit_status()})") from None
         self._check_header()
+
+    def _exit_status(self) -> str:
+        """Why a ``pipe:`` / curl stream ended (the command's exit status), as ``"; …"``; ``""`` if it did not fail."""
+        f, self._file = self._file, None
+        if f is None or not hasattr(f, "proc"):
+            return ""
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 (webdataset's Pipe raises IOError naming the exit status)
+            status = getattr(f, "status", None)
+            cmd = f.args[0][0] if getattr(f, "args", None) else None
+            name = os.path.basename(cmd[0]) if isinstance(cmd, list) and cmd else "the command"
+            return f"; {name} exited with status {status}"
+        return ""
 
     def _next_member(self) -> tarfile.TarInfo | None:
         assert self._tar is not None
@@ -401,7 +416,8 @@ class _ShardStream:
         except (BadSample, DataError):
             raise
         except Exception as err:  # tarfile.ReadError / EOFError (truncated, corrupt), a failing URL or command
-            raise DataError(f"cannot read {self.where()} after {self.position} samples ({_why(err)})") from None
+            raise DataError(f"cannot read {self.where()} after {self.position} samples ({_why(err)}"
+                            f"{self._exit_status()})") from None  # fmt: skip
 
     def close(self) -> None:
         try:

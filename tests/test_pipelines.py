@@ -18,7 +18,8 @@ from conftest import CONFIGS, SMALL, run_kdlab, write_yaml
 
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.pipelines import load_plan, parse_grid_arg, parse_seeds, run_plan
-from kdlab.pipelines.plan import label_of, paper_number, split_top_level
+from kdlab.pipelines.axes import label_of, split_top_level
+from kdlab.pipelines.plan import paper_number
 from kdlab.pipelines.tables import Stat
 
 MNIST = CONFIGS / "mnist1d"

@@ -58,7 +58,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
 
 def _overrides(path: Path, fake_cifar: Path, checkpoints) -> list[str]:
     from kdlab.config import read_recipe, read_yaml
-    from kdlab.pipelines.plan import is_spec
+    from kdlab.pipelines.spec import is_spec
 
     ov = [f"data.root={fake_cifar}", "train.device=cpu", "train.threads=1"]
     raw = read_yaml(path)
@@ -91,7 +91,7 @@ def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init,
     from kdlab.cli import main
     from kdlab.config import read_recipe, read_yaml
     from kdlab.methods import METHODS
-    from kdlab.pipelines.plan import is_spec
+    from kdlab.pipelines.spec import is_spec
 
     recipes = _recipes()
     assert len(recipes) > 200  # the paper families (see docs/studies.md)
@@ -119,7 +119,7 @@ def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init,
 def test_recipes_record_paper_numbers():
     """Every recipe of the paper families names its source in meta.paper; numbers are plausible top-1 values."""
     from kdlab.config import read_recipe, read_yaml
-    from kdlab.pipelines.plan import is_spec, load_plan
+    from kdlab.pipelines.spec import is_spec, load_plan
 
     n_numbers = 0
     for path in _recipes():

@@ -30,7 +30,9 @@ from kdlab.errors import KdlabError
 from kdlab.pipelines.axes import Axis, parse_grid_arg
 from kdlab.pipelines.compare import compare_rows, comparison_csv, comparison_markdown, comparison_records, find_runs
 from kdlab.pipelines.plan import Plan, Stage, Task
-from kdlab.pipelines.runner import Outcome, execute, is_finished, load_result, plan_launcher, plan_lock, submit, task_status
+from kdlab.pipelines.runner import (
+    Outcome, execute, is_finished, load_result, plan_launcher, plan_lock, preflight, submit, task_status,
+)
 from kdlab.pipelines.spec import load_plan, parse_seeds
 from kdlab.pipelines.status import cancel_plan, plan_status
 from kdlab.pipelines.tables import write_tables
@@ -128,9 +130,8 @@ def run_plan(
         raise KdlabError(f"output path {out} exists and is not a folder")
     tasks = plan.expand(out)
     settings = plan_launcher(tasks)
-    if settings.name != "local" and jobs > 1 and not tables_only:
-        raise KdlabError(f"--jobs runs local worker processes; with --launcher {settings.name} every run is a job "
-                         "(launcher.array_parallelism caps how many of an array run at once)")  # fmt: skip
+    if not tables_only:
+        preflight(tasks, out, settings, jobs, threads)  # nothing is written or submitted if this refuses
     t0 = time.perf_counter()
     with plan_lock(out):
         status = [task_status(t) for t in tasks]  # validates existing folders before anything runs

@@ -178,8 +178,10 @@ def write_job(path: Path, cfg: RunConfig, out: Path, root: Path | None, kind: st
     return (sys.executable, "-m", WORKER, str(path.absolute()))
 
 
-def launch_tasks(todo: list[Task], root: Path, threads: int | None, active: dict[str, str]) -> list[LaunchTask]:
-    """The launcher tasks of the runs ``todo`` (each waits for its teacher runs among them, or their ``active`` jobs)."""
+def launch_tasks(todo: list[Task], root: Path, threads: int | None, active: dict[str, str],
+                 write: bool = True) -> list[LaunchTask]:  # fmt: skip
+    """The launcher tasks of the runs ``todo`` (each waits for its teacher runs among them, or their ``active`` jobs);
+    ``write=False`` writes no job files (the tasks are for checking only)."""
     names = {t.key: task_name(t, root) for t in todo}
     out = []
     for t in todo:
@@ -187,7 +189,8 @@ def launch_tasks(todo: list[Task], root: Path, threads: int | None, active: dict
         if cfg.train.threads is None:
             cfg.train.threads = threads or cfg.launcher.cpus_per_task
         name = names[t.key]
-        argv = write_job(root / LAUNCH_DIR / "jobs" / f"{name}.json", cfg, t.out, root, "plan")
+        job = root / LAUNCH_DIR / "jobs" / f"{name}.json"
+        argv = write_job(job, cfg, t.out, root, "plan") if write else ("true",)
         after = tuple(names[s.key] for s in t.sources if s.key in names)
         after_jobs = tuple(active[n] for s in t.sources if (n := task_name(s, root)) in active)
         out.append(LaunchTask(name, argv, log_path(root, t), after, threads=cfg.train.threads, resources=cfg.launcher,
@@ -201,6 +204,14 @@ def plan_launcher(tasks: Sequence[Task]) -> LauncherConfig:
     if len(names) > 1:
         raise ConfigError(f"the runs of a plan name different launchers ({', '.join(names)}); give one, e.g. --launcher")
     return tasks[0].cfg.launcher if tasks else LauncherConfig()
+
+
+def preflight(tasks: list[Task], root: Path, settings: LauncherConfig, jobs: int, threads: int | None) -> None:
+    """Everything about the launcher that can be refused, before the plan folder is touched: its name, ``--jobs``
+    with a non-local launcher, and (Slurm) whether the cluster accepts every distinct request."""
+    launcher = get_launcher(settings, jobs=jobs, threads=threads)
+    if settings.name != "local":
+        launcher.check(launch_tasks(tasks, root, None, {}, write=False))
 
 
 def active_jobs(tasks: Sequence[Task], root: Path) -> dict[str, str]:
@@ -344,3 +355,54 @@ def submit(
 
         sub.wait(on_end=ended)
     return [outcomes[t.key] for t in tasks]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# single commands submitted to a launcher (`kdlab train/distill/cache-teacher --launcher slurm`)
+
+RUN_TASK = "run"
+
+
+def submit_command(settings: LauncherConfig, name: str, argv: Sequence[str], folder: Path, log: Path,
+                   job_name: str) -> str:  # fmt: skip
+    """Submit one command as one job of the launcher ``settings`` names, refusing while an earlier job of the same
+    task in ``folder`` is still queued or running; returns the job id."""
+    from kdlab.launch import records, slurm_queue
+
+    launcher = get_launcher(settings)
+    old = records.read_submitted(folder, name)
+    if old is not None and old.launcher == "slurm" and old.job_id and old.job_id in slurm_queue.queue([old.job_id]):
+        raise KdlabError(f"job {old.job_id} of {folder.parent} is still queued or running; wait for it or cancel it "
+                         f"with `kdlab sweep --cancel {folder.parent}`")  # fmt: skip
+    sub = launcher.submit([LaunchTask(name, tuple(argv), log)], folder, job_name=job_name)
+    return sub.job_ids[name]
+
+
+def submit_run(cfg: RunConfig, out: str | Path, *, resume: bool, overwrite: bool) -> str:
+    """``kdlab train/distill --launcher slurm``: check the run folder as a local start does, then submit one job
+    running the worker on it (a requeued job resumes); returns the job id. The job's log and records are in
+    ``OUT/.kdlab-launch/``; ``kdlab sweep --status OUT`` follows it."""
+    from kdlab.engine.resume import check_same_config
+    from kdlab.engine.rundir import FolderLock, check_out_dir, clear_run
+    from kdlab.launch.base import check_tasks
+
+    out = Path(out).absolute()
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if resume:
+        check_same_config(cfg, out)
+    folder, existed = out / LAUNCH_DIR, out.exists()
+    log = folder / f"{RUN_TASK}.log"
+    launcher = get_launcher(cfg.launcher)
+    preview = [LaunchTask(RUN_TASK, ("true",), log, resources=cfg.launcher)]
+    check_tasks(preview)
+    launcher.check(preview)  # Slurm installed, sbatch accepts the request: before the folder is touched
+    try:
+        with FolderLock(out):
+            if overwrite:
+                clear_run(out)
+            argv = write_job(folder / "jobs" / f"{RUN_TASK}.json", cfg, out, None, "run")
+            return submit_command(cfg.launcher, RUN_TASK, argv, folder, log, f"kdlab:{out.name}")
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -122,9 +122,11 @@ def _never(*args, **kwargs):
         (["report", "{t}", "--out", "{t}/exists.html"], "kdlab.instruments.report.metric_runs", "{t}/exists.html already exists; pass --overwrite"),
         (["export-images", "{t}", "--out", "{t}/f.txt/x"], "kdlab.data.cifar.read_cifar", "{t}/f.txt is not a folder"),
         (["export-images", "{t}", "--out", "{t}"], "kdlab.data.cifar.read_cifar", "--out {t} already exists and is not an empty folder"),
+        (["import-checkpoint", "{t}/w.pth", "--arch", "resnet8", "--out", "{t}/f.txt/w.safetensors"], "kdlab.models.convert.read_checkpoint",
+         "{t}/f.txt is not a folder"),
     ],
     ids=["bench json folder", "bench json below a file", "compare csv folder", "compare md below a file",
-         "report below a file", "report exists", "export below a file", "export into a full folder"],
+         "report below a file", "report exists", "export below a file", "export into a full folder", "import below a file"],
 )
 def test_outputs_are_checked_before_work(tmp_path, monkeypatch, capsys, argv, patch, message):
     """`kdlab bench --json BADPATH` found the bad path only after 400 s of benchmarking."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kdlab.errors import CheckpointError, KdlabError
+from kdlab.errors import CheckpointError, KdlabError, check_output_file
 from kdlab.fileio import open_binary
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -166,9 +166,7 @@ def convert(path: str | Path, arch: str, out: str | Path, *, overwrite: bool = F
     from kdlab.engine import checkpoint as ck
     from kdlab.models import build
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise KdlabError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output_file(out, overwrite)  # before the checkpoint is read
     imported = read_checkpoint(path)
     model = build(arch, num_classes=num_classes or 100)
     expected = list(model.state_dict())

@@ -220,6 +220,10 @@ def _data(ctx: Ctx, n: int, max_test: int | None = None) -> dict:
     return {"name": "synthetic", "num_samples": n + test, "train_split": n / (n + test), "num_classes": 100}
 
 
+def _speed_data(ctx: Ctx) -> dict:
+    return _data(ctx, ctx.speed_images, 64 if ctx.quick else 512)
+
+
 def _cfg(ctx: Ctx, student: str, teacher: str | Path | None, data: dict, train: dict, extra: list[str],
          method: str | None = None, schedule: str = "constant"):  # fmt: skip
     base: dict = {
@@ -276,8 +280,8 @@ def _teacher_cache(ctx: Ctx) -> Path:
 
     if ctx.cache is None:
         teacher, student = ctx.pair
-        src = Trainer(_cfg(ctx, student, teacher, _data(ctx, ctx.speed_images), {"batch_size": 512},
-                           ["train.amp=none"]), ctx.tmp / "cache-src")  # fmt: skip
+        src = Trainer(_cfg(ctx, student, teacher, _speed_data(ctx), {"batch_size": 512}, ["train.amp=none"]),
+                      ctx.tmp / "cache-src")  # the speed rows' data exactly: the cache is keyed by sample
         path = ctx.tmp / "cache.safetensors"
         build_cache(src.teacher, src.data, views=2, out=path, augment_seed=src.augment_seed, fast=src.fast,  # type: ignore[arg-type]
                     meta={"teacher_sha256": sha256_file(ctx.random_teacher(teacher))})  # fmt: skip
@@ -291,9 +295,8 @@ def _speed_cfg(ctx: Ctx, mode: str, batch: int, amp: str, compiled: bool, cache:
     extra = [f"train.amp={amp}", f"train.compile={str(compiled).lower()}", "train.drop_last=true"]
     if cache is not None:
         extra.append(f"teacher.cache={cache}")
-    return _cfg(ctx, student, None if mode == "student" else teacher,
-                _data(ctx, max(ctx.speed_images, batch), 64 if ctx.quick else 512),
-                {"epochs": 100, "batch_size": batch}, extra)  # fmt: skip
+    return _cfg(ctx, student, None if mode == "student" else teacher, _speed_data(ctx),
+                {"epochs": 100, "batch_size": batch}, extra)
 
 
 def speed_row(ctx: Ctx, mode: str, batch: int, amp: str, compiled: bool) -> dict:
@@ -619,7 +622,7 @@ def main(argv: list[str] | None = None, t0: float | None = None) -> int:
         rows = plan(ctx, methods, compile_modes)
         if args.calibrate:
             print(f"[gpu_check] {calibrate(rows, Path(args.calibrate))} estimates from {args.calibrate}", file=sys.stderr)
-        kept = select(rows, args.budget)
+        kept = select(rows, args.budget - (time.monotonic() - t_start))  # start-up (imports) already spent
         if args.plan:
             for r in sorted(rows, key=lambda r: r.priority):
                 print(f"{r.priority:>3}  {r.estimate_s:7.1f} s  {'run ' if r in kept else 'drop'}  {r.key}")

@@ -9,9 +9,16 @@ A run folder, a recipe or a dataset may come from someone else. Every file kdlab
   variable ``KDLAB_MAX_BYTES_<KIND>`` (e.g. ``KDLAB_MAX_BYTES_METRICS=4G``; suffixes K, M, G, T are powers of 1024).
 
 Failures are one-line :class:`~kdlab.errors.KdlabError` s (exit 2) naming the file and, for the size, the variable
-that raises the limit. Large binary files (checkpoints, teacher caches, archives) are checked with
-:func:`check_file` and then handed to their library (safetensors memory-maps them); small text files are read whole
-with :func:`read_text` / :func:`read_bytes`, which never read past the limit even if the file grows meanwhile.
+that raises the limit. The readers:
+
+* :func:`read_bytes` / :func:`read_text` / :func:`read_json`: the whole file (configs, metrics, summaries, state,
+  weights); never more than the limit, even from a file that grows meanwhile;
+* :func:`open_binary`: the checked descriptor as a seekable file object for libraries that stream (numpy's ``.npz``,
+  tarfile, the restricted unpickler, ``torch.load``), cut at the limit the same way; :func:`sha256` hashes through it;
+* :func:`check_file`: the check alone, for a file a library opens itself (safetensors memory-maps a teacher cache);
+* :func:`read_tail`: the last bytes of a log, whatever its size.
+
+:func:`limits_table` is the table of kinds in ``docs/run_folders.md`` (a test keeps them equal).
 """
 
 from __future__ import annotations

@@ -461,6 +461,14 @@ CASES = {
                           "--trials: must be a positive integer, got 0"),
     "tune: --out is a run folder": (lambda t: ["tune", CE, "--space", "optim.lr=log(0.01,1)", "--trials", "2", "--out", RUN],
                                     "is not empty and holds no kdlab tune study"),
+    # -- round three: Slurm launcher (issue 20)
+    "--launcher slurm with --jobs": (lambda t: ["sweep", CE, "--launcher", "slurm", "--jobs", "2", "--out", t / "o"],
+                                     "--jobs runs local worker processes; with --launcher slurm every run is a job"),
+    "unknown launcher": (lambda t: ["train", CE, "--launcher", "slrum", "--out", t / "o"], "unknown launcher 'slrum' (did you mean 'slurm'?)"),
+    "malformed launcher.time": (lambda t: ["train", CE, "launcher.time=4h", "--out", t / "o"],
+                                "launcher.time: time must be minutes or a Slurm time such as 4:00:00"),
+    "--status of a folder that is no plan": (lambda t: ["sweep", "--status", t], "is neither a plan folder (plan.json) nor a kdlab run"),
+    "--status with a recipe": (lambda t: ["sweep", CE, "--status", t], "--status takes only the folder"),
 }  # fmt: skip
 
 

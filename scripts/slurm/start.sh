@@ -100,14 +100,7 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # the daemons of an earlier start (another configuration, or hung): stopped; their state is kept
-for d in slurmd slurmctld; do
-  if [ -f "$DIR/$d.pid" ]; then
-    pid="$(cat "$DIR/$d.pid")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$DIR/$d.pid"
-  fi
-done
+KDLAB_SLURM_DIR="$DIR" bash "$(dirname "$0")/stop.sh" 2>/dev/null
 
 mkdir -p "$DIR/state" "$DIR/spool"
 slurmctld -f "$CONF" -i 9>&-   # -i: ignore state files that do not fit this configuration; 9>&-: not holding our lock

@@ -8,6 +8,7 @@ import time
 
 from kdlab.cli import command, positive_int
 from kdlab.errors import KdlabError, check_output_file
+from kdlab.launch.options import add_launcher_argument, launcher_overrides
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-bits", type=int, help="topk store: 8 or 4 bits per quantised logit, 0 = one constant per "
                    "sample (default 8)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache file")
+    add_launcher_argument(p)
 
 
 @command("cache-teacher", "precompute teacher outputs for V augmented views, replayed with teacher.cache=FILE", _args)
@@ -42,7 +44,7 @@ def cache_teacher(args: argparse.Namespace) -> int:
         raise KdlabError("--views and --batch-size must be positive")
     sizes = {k: v for k, v in (("topk", args.topk), ("tail_bits", args.tail_bits)) if v is not None}
     check_store(args.store, **sizes)  # before anything is loaded
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *launcher_overrides(args)])
     if cfg.teacher is None:
         raise KdlabError(f"{args.config} has no teacher section")
     from kdlab.engine.teacher_cache import cache_refusal
@@ -51,6 +53,8 @@ def cache_teacher(args: argparse.Namespace) -> int:
     method = build_method(cfg.method.name, cfg.method.params())
     if method.teacher_bn == "train":  # the recipe's runs could not replay the cache (batch statistics)
         raise KdlabError(cache_refusal(cfg.method.name, method) or "")
+    if cfg.launcher.name != "local":
+        return _submit(args, cfg)
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
     teacher = load_teacher(cfg.teacher, data.num_classes).to(device)
@@ -77,4 +81,27 @@ def cache_teacher(args: argparse.Namespace) -> int:
     info = TeacherCache(out).info.meta
     store = f"top-{info['topk']} + {info['tail_bits']}-bit rest" if info["store"] == "topk" else f"full {args.dtype}"
     print(f"wrote {out}: {args.views} views × {data.num_train} samples, {size:.1f} MiB ({store}), augment seed {seed}")
+    return 0
+
+
+def _submit(args: argparse.Namespace, cfg) -> int:
+    """``--launcher slurm``: the same command as one job (run there with the local launcher)."""
+    from pathlib import Path
+
+    from kdlab.launch import LAUNCH_DIR, kdlab_argv
+    from kdlab.pipelines.runner import submit_command
+
+    out = Path(args.out).absolute()
+    argv = ["cache-teacher", str(Path(args.config).absolute()), *args.overrides, "launcher.name=local",
+            "--views", str(args.views), "--out", str(out), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+            "--store", args.store]  # fmt: skip
+    for flag, value in (("--fields", args.fields), ("--topk", args.topk), ("--tail-bits", args.tail_bits)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.overwrite:
+        argv.append("--overwrite")
+    folder = out.parent / LAUNCH_DIR
+    name = out.name.replace(" ", "_")
+    job = submit_command(cfg.launcher, name, kdlab_argv(*argv), folder, folder / f"{name}.log", f"kdlab:{out.name}")
+    print(f"submitted {out} as {cfg.launcher.name} job {job}; its log: {folder / (name + '.log')}")
     return 0

@@ -37,7 +37,7 @@ from kdlab.config import LauncherConfig
 from kdlab.errors import KdlabError
 from kdlab.launch import records, slurm_queue
 from kdlab.launch.base import LaunchTask, Launcher, OnEnd, Submission, TaskEnd, check_tasks
-from kdlab.launch.local import STOPPED, task_env
+from kdlab.launch.local import task_env
 
 SUBMITIT_DIR = "slurm"  # under the launch folder: submitit's sbatch scripts, pickles and its own logs
 POLL_ENV = "KDLAB_SLURM_POLL_S"
@@ -50,8 +50,10 @@ class TaskFailed(RuntimeError):
 class SlurmTask(Checkpointable):
     """What a Slurm job runs: the task's command as a child process (see the module docstring)."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: str, folder: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log: str, folder: str, env: dict[str, str],
+                 stop_s: float = 60.0) -> None:  # fmt: skip
         self.name, self.argv, self.log, self.folder, self.env = name, list(argv), log, folder, dict(env)
+        self.stop_s = stop_s  # how long the command may take to stop before it is killed (then the requeue)
         self._proc: subprocess.Popen | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -81,14 +83,20 @@ class SlurmTask(Checkpointable):
         return rc
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        """Before the requeue: stop the kdlab process (it keeps its last checkpoint); the job runs the same command."""
+        """Before the requeue: stop the kdlab process (SIGTERM; it keeps its last epoch checkpoint), killing it if it
+        has not stopped within ``stop_s`` (its files are written atomically), so that the requeue happens before
+        Slurm's own kill at the time limit. The requeued job runs the same command."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=60)
-        return DelayedSubmission(SlurmTask(self.name, self.argv, self.log, self.folder, self.env))
+            try:
+                proc.wait(timeout=self.stop_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.wait()
+        return DelayedSubmission(SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s))
 
 
 def _job_id() -> str:
@@ -229,7 +237,8 @@ class SlurmLauncher(Launcher):
         s = self._settings(t)
         if s.python and argv and argv[0] == sys.executable:
             argv = [*shlex.split(s.python), *argv[1:]]
-        return SlurmTask(t.name, argv, str(Path(t.log).absolute()), str(folder), env)
+        stop_s = max(5.0, min(60.0, s.signal_delay_s / 3))  # the signal comes up to 30 s early, the kill on time
+        return SlurmTask(t.name, argv, str(Path(t.log).absolute()), str(folder), env, stop_s)
 
 
 def describe(s: LauncherConfig) -> str:

@@ -1,0 +1,92 @@
+"""kdlab.launch without a cluster: the local launcher (order, skips, failures, records, status), the Slurm request a
+launcher section makes, time-limit parsing and the srun rendezvous taken from Slurm's environment."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlab.config import LauncherConfig, slurm_minutes
+from kdlab.engine.distributed import first_host, slurm_rendezvous
+from kdlab.errors import KdlabError
+from kdlab.launch import LaunchTask, get_launcher
+from kdlab.launch.status import task_statuses
+
+
+def _py(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_local_launcher_order_failure_skip_and_status(tmp_path):
+    folder = tmp_path / "launch"
+    stamp = tmp_path / "stamps"
+    stamp.mkdir()
+    write = "import pathlib,time; pathlib.Path(r'{}').write_text(str(time.time()))"
+    tasks = [
+        LaunchTask("teacher", _py(write.format(stamp / "teacher")), tmp_path / "t.log"),
+        LaunchTask("bad", _py("import sys; print('kdlab: error: boom'); sys.exit(2)"), tmp_path / "b.log"),
+        LaunchTask("student", _py(write.format(stamp / "student")), tmp_path / "s.log", after=("teacher",)),
+        LaunchTask("orphan", _py("print(1)"), tmp_path / "o.log", after=("bad",)),
+        LaunchTask("tables", _py("print(2)"), tmp_path / "x.log", after=("student", "orphan"), after_any=True),
+    ]
+    ends = get_launcher("local", jobs=2).submit(tasks, folder).wait()
+    assert {n: e.state for n, e in ends.items()} == {
+        "teacher": "done", "bad": "failed", "student": "done", "orphan": "skipped", "tables": "done"}  # fmt: skip
+    assert ends["bad"].error == "boom" and ends["orphan"].error == "bad did not succeed"
+    assert float((stamp / "student").read_text()) >= float((stamp / "teacher").read_text())
+    status, _ = task_statuses(folder)
+    assert {n: s.state for n, s in status.items()} == {
+        "teacher": "done", "bad": "failed", "student": "done", "orphan": "cancelled", "tables": "done"}  # fmt: skip
+    assert status["bad"].detail == "boom" and "bad did not succeed" in status["orphan"].detail
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ([LaunchTask("a/b", ("true",), Path("l"))], "must be letters"),
+    ([LaunchTask("a", ("true",), Path("l")), LaunchTask("a", ("true",), Path("l"))], "two tasks are named 'a'"),
+    ([LaunchTask("a", ("true",), Path("l"), after=("b",))], "waits for 'b', which is not an earlier task"),
+])  # fmt: skip
+def test_tasks_are_checked_before_anything_starts(tmp_path, tasks, message):
+    with pytest.raises(KdlabError, match=message):
+        get_launcher("local").submit(tasks, tmp_path / "launch")
+    assert not (tmp_path / "launch").exists()
+
+
+def test_slurm_request_of_a_launcher_section():
+    pytest.importorskip("submitit")
+    from kdlab.launch.slurm import executor_parameters
+
+    s = LauncherConfig(name="slurm", partition="gpu", time="1-02:00:00", nodes=2, gpus_per_node=4, mem_gb=64,
+                       account="lab", setup=["module load cuda"], additional={"exclude": "n1"})  # fmt: skip
+    p = executor_parameters(s, "kdlab:x", "afterok:12_0:13")
+    assert p["time"] == 26 * 60 and p["partition"] == "gpu" and p["nodes"] == 2 and p["gpus_per_node"] == 4
+    assert p["ntasks_per_node"] == 4 and p["mem"] == "65536M" and p["account"] == "lab"
+    assert p["setup"] == ["module load cuda"] and p["signal_delay_s"] == 120
+    assert p["additional_parameters"] == {"requeue": True, "dependency": "afterok:12_0:13", "kill-on-invalid-dep": "yes",
+                                          "exclude": "n1"}  # fmt: skip
+    with pytest.raises(KdlabError, match="--jobs runs local worker processes"):
+        get_launcher(s, jobs=3)
+
+
+@pytest.mark.parametrize("text, minutes", [(90, 90), ("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-0", 1440),
+                                           ("1-2:30", 1590), ("2-00:00:01", 2881)])  # fmt: skip
+def test_slurm_time_formats(text, minutes):
+    assert slurm_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("bad", ["4h", "0", "-5", "1:2:3:4", True])
+def test_malformed_slurm_times_are_refused(bad):
+    with pytest.raises(ValueError):
+        slurm_minutes(bad)
+
+
+def test_rendezvous_from_an_srun_step_only():
+    step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_NODELIST": "gpu[07-08]"}  # fmt: skip
+    assert slurm_rendezvous(step) == {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                                      "MASTER_PORT": str(20000 + 4242)}  # fmt: skip
+    assert slurm_rendezvous({**step, "WORLD_SIZE": "2"}) == {}  # torchrun's variables win
+    assert slurm_rendezvous({**step, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task
+    assert slurm_rendezvous({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == {}  # a batch script, not a step
+    assert first_host("a[1-2,5]-ib,b3") == "a1-ib" and first_host("node7") == "node7"

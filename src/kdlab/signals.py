@@ -2,7 +2,10 @@
 
 :func:`raise_on_sigterm` makes the first SIGTERM raise :class:`Terminated` (a ``KeyboardInterrupt``) wherever the
 main thread is, so the ``except BaseException`` cleanups of atomic writes and checkpoints remove their temporaries
-and the last complete checkpoint stays resumable. A second SIGTERM during that cleanup ends the process at once.
+and the last complete checkpoint stays resumable. Nothing else is removed: a run stopped before its first checkpoint
+keeps its ``config.yaml`` and ``--resume`` starts it at epoch 1 (:meth:`kdlab.engine.trainer.Trainer.run`). A second
+SIGTERM during that cleanup ends the process at once; the temporaries it leaves are removed by the next writer
+(:mod:`kdlab.engine.atomic`).
 """
 
 from __future__ import annotations

@@ -376,3 +376,13 @@ def test_kill_mid_study_then_rerun_resumes_without_duplicated_or_lost_trials(tmp
 
     assert [numbers(r) for r in resumed[: len(first_rows)]] == [numbers(r) for r in first_rows]
     assert "interrupted (queued again)" in (out / "results.md").read_text()
+
+
+def test_slurm_not_installed_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    out = tmp_path / "study"
+    code = main(["tune", CE, "--space", "optim.lr=log(1e-3,1)", "--trials", "2", "--parallel", "2",
+                 "--launcher", "slurm", "--out", out])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Slurm is not installed here" in err[0], err
+    assert not out.exists()

@@ -45,3 +45,15 @@ def test_two_slurm_workers_complete_the_study_and_prune(tmp_path, slurm_conf, mo
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # two jobs, one study
     assert any(t.state == TrialState.PRUNED and t.params["optim.lr"] == BAD for t in trials)
     assert (out / "best.yaml").is_file() and all((out / "logs" / f"worker-{i}.log").is_file() for i in (0, 1))
+
+
+def test_sbatch_refusing_the_workers_request_is_one_line_nothing_written(tmp_path, slurm_conf, monkeypatch, capsys):
+    from kdlab.cli import main
+
+    monkeypatch.setenv("SLURM_CONF", slurm_conf)
+    out = tmp_path / "study"
+    code = main(["tune", CE, "launcher.partition=nosuchpartition", "--space", "optim.lr=log(1e-3,1)", "--trials", "2",
+                 "--parallel", "2", "--launcher", "slurm", "--out", out])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "sbatch refused the request" in err[0], err
+    assert not out.exists()

@@ -20,7 +20,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="study folder: study.journal, trials/trial-NNNN/ runs, results.md, best.yaml")
     p.add_argument("--parallel", type=positive_int, default=1, metavar="P",
                    help="workers sharing the study (local processes, or Slurm jobs with --launcher slurm)")
-    p.add_argument("--launcher", metavar="NAME", help="where workers run: local (default) | slurm (sets launcher.name)")
+    p.add_argument("--launcher", metavar="NAME", help="where workers run: local (default) | slurm (the recipe's launcher: "
+                   "section gives the Slurm settings)")
     p.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per worker (default: cores // P)")
     p.add_argument("--objective", choices=("final", "best"), default="final",
                    help="val top-1 of the last epoch (default) or of the best epoch")
@@ -53,22 +54,24 @@ def tune(args: argparse.Namespace) -> int:
         n = run_worker(Path(args.worker), args.worker_index, args.threads, log)
         log(f"tune worker: {n} trials run")
         return 0
+    if args.tables_only and args.out:
+        return _tables_only(Path(args.out))
     if not args.config or not args.out:
         raise UsageError("kdlab tune: a recipe and --out DIR are required (see `kdlab tune --help`)")
     out = Path(args.out)
-    if args.tables_only:
-        return _tables_only(out)
     if args.trials is None:
         raise UsageError("kdlab tune: --trials N is required")
     from kdlab.tune.search import SearchOptions, build_spec, run_tune
 
-    overrides = list(args.overrides) + ([f"launcher.name={args.launcher}"] if args.launcher else [])
+    overrides = list(args.overrides)
     opts = SearchOptions(args.trials, args.objective, args.sampler, args.seed, args.startup_trials, args.pruner,
                          args.pruner_startup, args.pruner_warmup)  # fmt: skip
     spec, params = build_spec(args.config, overrides, args.space, opts)
     from kdlab.config import validate
 
-    launcher = validate(spec.base).launcher
+    launcher = validate(spec.base).launcher  # the recipe's launcher: section; --launcher picks where workers run
+    if args.launcher:  # (not written into the trials or best.yaml: where a run runs never changes its results)
+        launcher = launcher.model_copy(update={"name": args.launcher})
     if args.dry_run:  # one trial (each key at its low end) built as `kdlab train --dry-run` builds a run
         from kdlab.engine import Trainer
         from kdlab.tune.worker import trial_config
@@ -77,10 +80,10 @@ def tune(args: argparse.Namespace) -> int:
         Trainer(cfg, out / "trials" / "dry-run")
         print(f"dry run ok: {len(params)} searched keys, {args.trials} trials on {launcher.name}; nothing written")
         return 0
-    if launcher.name != "local" or args.parallel > 1:
-        from kdlab.launch import get_launcher
+    if launcher.name != "local" or args.parallel > 1:  # a launcher that would refuse the workers: before any write
+        from kdlab.tune.search import launcher_for
 
-        get_launcher(launcher, jobs=args.parallel if launcher.name == "local" else 1)  # refuse a bad launcher first
+        launcher_for(out, args.parallel, launcher, args.threads)
     written = run_tune(spec, params, out, parallel=args.parallel, launcher=launcher, threads=args.threads, log=log)
     print((out / "results.md").read_text())
     log(f"wrote {', '.join(str(p) for p in written)}")

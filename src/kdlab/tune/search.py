@@ -96,6 +96,17 @@ def _worker_tasks(out: Path, parallel: int) -> list[Any]:
                        out / LOGS / f"worker-{i}.log") for i in range(parallel)]  # fmt: skip
 
 
+def launcher_for(out: Path, parallel: int, launcher: LauncherConfig, threads: int | None) -> tuple[Any, list[Any]]:
+    """The launcher of ``parallel`` workers and their tasks, checked (Slurm missing, sbatch refusing the request:
+    one-line errors, nothing submitted or written)."""
+    from kdlab.launch import get_launcher
+
+    jobs = parallel if launcher.name == "local" else 1
+    runner, tasks = get_launcher(launcher, jobs=jobs, threads=threads), _worker_tasks(out, parallel)
+    runner.check(tasks)
+    return runner, tasks
+
+
 def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConfig, threads: int | None,
                 log: Log) -> list[str]:  # fmt: skip
     """Run the study's workers to their end; returns the error lines of workers that failed."""
@@ -104,10 +115,10 @@ def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConf
 
         run_worker(out, 0, threads, log)
         return []
-    from kdlab.launch import LAUNCH_DIR, get_launcher
+    from kdlab.launch import LAUNCH_DIR
 
-    jobs = parallel if launcher.name == "local" else 1
-    sub = get_launcher(launcher, jobs=jobs, threads=threads).submit(_worker_tasks(out, parallel), out / LAUNCH_DIR)
+    runner, tasks = launcher_for(out, parallel, launcher, threads)
+    sub = runner.submit(tasks, out / LAUNCH_DIR)
     ids = f" (jobs {', '.join(sorted(set(sub.job_ids.values())))})" if sub.job_ids else ""
     log(f"tune: {parallel} {launcher.name} workers{ids}; logs in {out / LOGS}")
     stop = threading.Event()

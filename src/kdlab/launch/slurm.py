@@ -55,12 +55,13 @@ class SlurmTask(Checkpointable):
         self.name, self.argv, self.log, self.folder, self.env = name, list(argv), log, folder, dict(env)
         self.stop_s = stop_s  # how long the command may take to stop before it is killed (then the requeue)
         self._proc: subprocess.Popen | None = None
+        self._prog: records.Progress | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_prog")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _proc=None)
+        self.__dict__.update(state, _proc=None, _prog=None)
 
     def __call__(self) -> int:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
@@ -72,10 +73,14 @@ class SlurmTask(Checkpointable):
         with open(log, "a") as logf:
             print(f"--- slurm job {job_id} attempt {attempt + 1} on {os.uname().nodename} (rank {rank}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}", file=logf, flush=True)  # fmt: skip
-            self._proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env={**os.environ, **self.env})  # fmt: skip
-            prog = records.started(folder, self.name, self._proc.pid, job_id, attempt) if rank == 0 else None
-            rc = self._proc.wait()
+            self._proc = proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, env={**os.environ, **self.env})  # fmt: skip
+            prog = records.started(folder, self.name, proc.pid, job_id, attempt) if rank == 0 else None
+            self._prog = prog
+            # polled, never a blocking wait(): the requeue signal's handler (checkpoint) polls the same process, and a
+            # wait() it interrupted would hold the lock those polls need
+            while (rc := proc.poll()) is None:
+                time.sleep(0.5)
         if prog is not None:
             records.ended(folder, self.name, prog, rc)
         if rc != 0:
@@ -88,14 +93,17 @@ class SlurmTask(Checkpointable):
         Slurm's own kill at the time limit. The requeued job runs the same command."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_s)
-            except subprocess.TimeoutExpired:
+            for sig, patience in ((signal.SIGTERM, self.stop_s), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(OSError):
-                    proc.kill()
-                proc.wait()
+                    proc.send_signal(sig)
+                t0 = time.monotonic()
+                while proc.poll() is None and time.monotonic() - t0 < patience:
+                    time.sleep(0.1)
+                if proc.returncode is not None:
+                    break
+            prog = getattr(self, "_prog", None)
+            if prog is not None and proc.returncode is not None:
+                records.ended(Path(self.folder), self.name, prog, proc.returncode)
         return DelayedSubmission(SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s))
 
 

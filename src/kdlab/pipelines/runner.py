@@ -300,6 +300,19 @@ def outcome_of(t: Task, end: TaskEnd, root: Path, outcomes: dict[tuple, Outcome]
     return Outcome(t, "failed", error=end.error or f"ended {end.state}", seconds=end.seconds or 0.0, job_id=end.job_id)
 
 
+TABLES_TASK = "tables"
+
+
+def _cancel_old_tables_job(root: Path) -> None:
+    """Cancel the tables job of an earlier submission that has not run yet (a new submission brings its own)."""
+    from kdlab.launch import records, slurm_queue
+
+    sub = records.read_submitted(root / LAUNCH_DIR, TABLES_TASK)
+    if sub is not None and sub.launcher == "slurm" and sub.job_id and shutil.which("squeue") is not None:
+        if sub.job_id in slurm_queue.queue([sub.job_id]):
+            slurm_queue.cancel([sub.job_id])
+
+
 def submit(
     tasks: list[Task],
     root: Path,
@@ -327,11 +340,13 @@ def submit(
         else:
             todo.append(t)
     ltasks = launch_tasks(todo, root, None, active)
+    if ltasks:
+        _cancel_old_tables_job(root)  # superseded by this submission's own
     if ltasks and tables_argv is not None and not wait:
         res = (ltasks[0].resources or settings).model_copy(update={
             "gpus_per_node": 0, "nodes": 1, "tasks_per_node": 1, "additional": {},
             "time": min(10, settings.time_minutes or 10)})  # fmt: skip
-        ltasks.append(LaunchTask("tables", tuple(tables_argv), root / "logs" / "tables.log",
+        ltasks.append(LaunchTask(TABLES_TASK, tuple(tables_argv), root / "logs" / "tables.log",
                                  tuple(lt.name for lt in ltasks), after_jobs=tuple(sorted(set(active.values()))),
                                  resources=res, after_any=True))  # fmt: skip
     folder = root / LAUNCH_DIR
@@ -343,8 +358,8 @@ def submit(
     n = len(tasks)
     for i, t in enumerate(tasks, 1):
         log(_line(i, n, t, root, outcomes[t.key]))
-    if sub is not None and "tables" in sub.job_ids:
-        log(f"job {sub.job_ids['tables']} writes the tables once every run has ended")
+    if sub is not None and TABLES_TASK in sub.job_ids:
+        log(f"job {sub.job_ids[TABLES_TASK]} writes the tables once every run has ended")
     if wait and sub is not None:
         counter = iter(range(1, len(todo) + 1))
 

@@ -77,12 +77,14 @@ def _not_regular(st: os.stat_result) -> str:
 
 @dataclass
 class _Scan:
-    """What a split's scan found so far: relative paths, (device, inode) of each file, directories visited."""
+    """What a split's scan found so far: relative paths, (device, inode) of each file, directories visited, and the
+    class folders (reached from another class through a link, a class folder is left to its own class)."""
 
     skip_bad: bool
     paths: list[str]
     keys: array
     visited: set[tuple[int, int]]
+    classes: set[tuple[int, int]]
 
     def add(self, rel: str, key: tuple[int, int]) -> None:
         self.paths.append(rel)
@@ -100,9 +102,10 @@ def _images_under(folder: Path, scan: _Scan) -> int:
             st = os.stat(d)
         except OSError:
             continue  # a dangling directory link: nothing to read below it
-        if (st.st_dev, st.st_ino) in scan.visited:
-            continue  # a symlink loop, or a directory linked twice: followed once
-        scan.visited.add((st.st_dev, st.st_ino))
+        key = (st.st_dev, st.st_ino)
+        if key in scan.visited or (key in scan.classes and d != folder):
+            continue  # a symlink loop, a directory linked twice (followed once), another class's folder
+        scan.visited.add(key)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as err:
@@ -147,7 +150,11 @@ def class_folders(split_dir: Path) -> list[str]:
 def scan_split(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[PathTable, np.ndarray]:
     """The images of ``classes`` under ``split_dir`` and their labels; every class folder must hold an image. A file
     reached twice (symlinks, hard links) is kept once, under the first class and path in sorted order."""
-    scan = _Scan(skip_bad, [], array("q"), set())
+    class_keys = set()
+    for name in classes:
+        st = os.stat(split_dir / name)
+        class_keys.add((st.st_dev, st.st_ino))
+    scan = _Scan(skip_bad, [], array("q"), set(), class_keys)
     counts = []
     for name in classes:
         n = _images_under(split_dir / name, scan)

@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--local", action="store_true", help="wheels for this Python and this machine (the CPU rehearsal)")
     pr.add_argument("--wheels", help=f"wheel folder (default: ROOT/{WHEEL_DIR})")
     pr.add_argument("--newest", action="store_true", help="newest versions, not the ones installed here")
-    pr.add_argument("--data", default="/work/shared/data/cifar100", help="CIFAR-100 folder (train.npz, test.npz)")
+    pr.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar100"),
+                    help="CIFAR-100 folder (train.npz, test.npz; default: the shared data beside the checkout)")
     pr.add_argument("--slice", help=f"slice folder (default: ROOT/{SLICE_DIR})")
     pr.add_argument("--slice-train", type=int, default=20000, help="training images in the slice (0: no slice)")
     pr.add_argument("--slice-test", type=int, default=10000, help="test images in the slice")

@@ -57,6 +57,23 @@ def _cifar(tmp_path, n_train=2, labels=(0, 1)):
     return root
 
 
+def _images(tmp_path, fifo=False):
+    """A two-class image folder of 4×4 PNGs (train/ and val/); with ``fifo`` a FIFO named like an image in it."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / split / c / "0.png")
+    if fifo:
+        os.mkfifo(root / "train" / "b" / "zzz.png")
+    return root
+
+
 _DEV_ZERO = object()
 
 
@@ -469,6 +486,22 @@ CASES = {
                                 "launcher.time: time must be minutes or a Slurm time such as 4:00:00"),
     "--status of a folder that is no plan": (lambda t: ["sweep", "--status", t], "is neither a plan folder (plan.json) nor a kdlab run"),
     "--status with a recipe": (lambda t: ["sweep", CE, "--status", t], "--status takes only the folder"),
+    # -- round three: image data (issue 19 §3, issue 21)
+    "image folder: a FIFO named like an image": (lambda t: ["train", CE, "data.name=imagefolder", f"data.root={_images(t, fifo=True)}",
+                                                            "--out", RUN, "--overwrite"], "zzz.png is a FIFO (named pipe), not a regular image file"),
+    "webdataset: no export at data.root": (lambda t: ["train", CE, "data.name=webdataset", f"data.root={t}", "--out", RUN, "--overwrite"],
+                                           "WebDataset metadata not found"),
+    "webdataset: an empty shard list": (lambda t: ["train", CE, "data.name=webdataset", "data.urls={train: [], val: [v.tar]}",
+                                                   "--out", RUN, "--overwrite"], "data.urls lists no train shards"),
+    "webdataset: pipe: shards without --trust-code": (lambda t: ["train", CE, "data.name=webdataset", "data.urls={train: 'pipe:cat a.tar', "
+                                                                 "val: 'pipe:cat b.tar'}", "--out", RUN, "--overwrite"],
+                                                      "pipe: URLs run code, so they need --trust-code"),
+    "export-images: zero shard size": (lambda t: ["export-images", _cifar(t), "--out", t / "s", "--format", "webdataset",
+                                                  "--shard-size", "0"], "--shard-size must be at least 1"),
+    "export-images: an image folder as PNGs": (lambda t: ["export-images", _images(t), "--out", t / "s"],
+                                               "is an image folder already; --format webdataset writes it as shards"),
+    "bench --suite data: --root not an image folder": (lambda t: ["bench", "--suite", "data", "--root", t, "--json", t / "b.json"],
+                                                       "is not an image folder"),
 }  # fmt: skip
 
 

@@ -34,14 +34,14 @@ def test_two_slurm_workers_complete_the_study_and_prune(tmp_path, slurm_conf, mo
     monkeypatch.setenv("SLURM_CONF", slurm_conf)
     monkeypatch.setenv("KDLAB_SLURM_POLL_S", "1")
     out = tmp_path / "study"
-    seed = _seed_where_worker_0_draws_good_then_bad(6)
+    seed = _seed_where_worker_0_draws_good_then_bad(4)
     r = run_kdlab("tune", CE, *TINY, "train.epochs=2", *(a for s in PARALLEL_SPACE for a in ("--space", s)),
-                  "--trials", "6", "--parallel", "2", "--launcher", "slurm", "--startup-trials", "6",
+                  "--trials", "4", "--parallel", "2", "--launcher", "slurm", "--startup-trials", "4",
                   "--pruner-startup", "1", "--seed", seed, "--out", out, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "2 slurm workers (jobs " in r.stderr
     trials = _trials(out)
-    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # two jobs, one study
     assert any(t.state == TrialState.PRUNED and t.params["optim.lr"] == BAD for t in trials)
     assert (out / "best.yaml").is_file() and all((out / "logs" / f"worker-{i}.log").is_file() for i in (0, 1))

@@ -386,3 +386,16 @@ def test_slurm_not_installed_is_one_line_before_anything_is_written(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Slurm is not installed here" in err[0], err
     assert not out.exists()
+
+
+def test_trials_that_cannot_run_fail_with_their_error_and_three_in_a_row_stop(tmp_path, capsys, one_thread):
+    out = tmp_path / "study"
+    code = main(["tune", KD, f"teacher.checkpoint={tmp_path / 'missing'}", *TINY, "--space",
+                 "method.temperature=log(1,16)", "--trials", "5", "--out", out])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("kdlab: error: the study in") and "3 trials in a row failed" in err[-1]
+    assert "checkpoint not found" in err[-1] and "rerun the same command" in err[-1]
+    trials = _trials(out)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all("checkpoint not found" in t.user_attrs["error"] for t in trials)
+    assert "3 of 5 trials: 3 fail" in (out / "results.md").read_text()

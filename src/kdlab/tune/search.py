@@ -113,7 +113,10 @@ def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConf
     if parallel == 1 and launcher.name == "local":
         from kdlab.tune.worker import run_worker
 
-        run_worker(out, 0, threads, log)
+        try:
+            run_worker(out, 0, threads, log)
+        except KdlabError as err:  # the report is still written, the error ends the command
+            return [f"worker: {err}"]
         return []
     from kdlab.launch import LAUNCH_DIR
 

@@ -390,14 +390,15 @@ def test_mlp_student_from_a_cnn_teacher(name):
 
 def test_fitnet_intermediate_hint():
     student, teacher, x = build("resnet8", num_classes=10), build("resnet20", num_classes=10), torch.randn(2, 3, 32, 32)
-    method = build_method("fitnet", {"hint_layer": 2})
-    assert method.teacher_outputs == ("stages",) and build_method("fitnet", {}).teacher_outputs == ("prepool",)
+    method = build_method("fitnet", {"hint_layer": 2, "connector": "1x1"})
+    assert method.teacher_outputs == ("stages",) and build_method("fitnet", {"hint_layer": None}).teacher_outputs == (
+        "prepool",)  # fmt: skip
     method.setup(student, teacher, x)
     conv = method.connector.blocks[0][0]
     assert (conv.in_channels, conv.out_channels) == (32, 32) and method.connector.target.tolist() == [16, 16]
     terms = method.losses(student.forward_features(x), teacher.forward_features(x), torch.zeros(2, dtype=torch.long), 1)
     assert torch.isfinite(terms["feature"])
-    with pytest.raises(ConfigError, match="hint_layer=4 but the student exposes 3 stages"):
+    with pytest.raises(ConfigError, match=r"hint_layer=4 but the student exposes 3 stage\(s\)"):
         build_method("fitnet", {"hint_layer": 4}).setup(student, teacher, x)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kdlab.cli import command, nonnegative_int, positive_int
 from kdlab.errors import ConfigError, UsageError
+from kdlab.fileio import read_text
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,7 +86,7 @@ def tune(args: argparse.Namespace) -> int:
 
         launcher_for(out, args.parallel, launcher, args.threads)
     written = run_tune(spec, params, out, parallel=args.parallel, launcher=launcher, threads=args.threads, log=log)
-    print((out / "results.md").read_text())
+    print(read_text(out / "results.md", "text"))
     log(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
@@ -97,6 +98,6 @@ def _tables_only(out: Path) -> int:
 
     spec = TuneSpec.load(out)
     written = write_report(open_study(out, spec), spec, parse_space(spec.space), out)
-    print((out / "results.md").read_text())
+    print(read_text(out / "results.md", "text"))
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

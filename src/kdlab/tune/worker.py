@@ -66,9 +66,11 @@ class ReportToPruner(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         """A resumed trial: report the epochs that ran before (its ``metrics.jsonl`` as the trainer restored it)."""
+        from kdlab.fileio import read_text
+
         path = trainer.out / "metrics.jsonl"
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for line in read_text(path, "metrics").splitlines():
                 row = json.loads(line)
                 if row.get("epoch", 0) > 0 and REPORTED in row:
                     self.trial.report(row[REPORTED], row["epoch"])

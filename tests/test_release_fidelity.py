@@ -60,7 +60,7 @@ def _release_ofd(s: torch.Tensor, t: torch.Tensor, margin: torch.Tensor) -> torc
 
 
 def test_ofd_teacher_runs_on_batch_statistics_as_released_and_its_state_never_changes(f64):
-    teacher, x, y = _calibrated("resnet20"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    teacher, x, y = _calibrated("resnet14"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     torch.manual_seed(2)
     student = build("resnet8", num_classes=10)
     before = _state(teacher)
@@ -94,7 +94,7 @@ def _release_wsld(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, T: float = 
 
 
 def test_wsld_teacher_logits_come_from_batch_statistics_as_released(f64):
-    teacher, x, y = _calibrated("resnet20"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    teacher, x, y = _calibrated("resnet14"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     torch.manual_seed(2)
     student = build("resnet8", num_classes=10)
     before = _state(teacher)
@@ -107,7 +107,7 @@ def test_wsld_teacher_logits_come_from_batch_statistics_as_released(f64):
     torch.testing.assert_close(step.terms["wsld"], soft, rtol=1e-12, atol=0)
     with torch.no_grad():
         _, soft_eval = _release_wsld(student(x), teacher(x), y)
-    assert abs(float(soft_eval / soft) - 1) > 1e-3
+    assert abs(float(soft_eval / soft.detach()) - 1) > 1e-3
 
 
 def test_the_engine_runs_the_teacher_on_batch_statistics_without_folding_or_updating_it(tmp_path):
@@ -117,9 +117,9 @@ def test_the_engine_runs_the_teacher_on_batch_statistics_without_folding_or_upda
     from kdlab.engine.evaluation import evaluate_split
     from kdlab.models.fold import BatchStatisticsNorm
 
-    save_weights(tmp_path / "t.safetensors", _calibrated("resnet20").state_dict())
+    save_weights(tmp_path / "t.safetensors", _calibrated("resnet14").state_dict())
     raw = {"data": {"name": "synthetic", "num_samples": 64, "num_classes": 10}, "model": {"name": "resnet8"},
-           "teacher": {"name": "resnet20", "checkpoint": str(tmp_path / "t.safetensors")}, "method": {"name": "ofd"},
+           "teacher": {"name": "resnet14", "checkpoint": str(tmp_path / "t.safetensors")}, "method": {"name": "ofd"},
            "train": {"epochs": 1, "batch_size": 16, "progress": False, "threads": 1}}  # fmt: skip
     logs: list[str] = []
     trainer = Trainer(load_config(None, [], base=raw), tmp_path / "run", log=logs.append)
@@ -164,7 +164,7 @@ def test_sweeps_keep_a_batch_statistics_teacher_live(tmp_path):
 
 
 def test_catkd_student_classifier_is_the_releases_bias_free_conv(f64):
-    teacher, x, y = _calibrated("resnet20"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    teacher, x, y = _calibrated("resnet14"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     torch.manual_seed(3)
     student = build("resnet8", num_classes=10)
     d = Distiller(student, teacher, "catkd").train()
@@ -180,11 +180,12 @@ def test_catkd_student_classifier_is_the_releases_bias_free_conv(f64):
     feat = student.forward_features(x).prepool
     released = F.avg_pool2d(F.conv2d(feat, fc.weight[:, :, None, None]), feat.shape[-1]).flatten(1)
     torch.testing.assert_close(d(x, y).logits, released, rtol=1e-12, atol=1e-12)
-    # their kaiming_normal_(fan_out) draw: N(0, 2/K) for K classes (640 weights here)
+    # their kaiming_normal_(fan_out) draw: N(0, 2/K) for K classes (6,400 weights here; PyTorch's default would give
+    # a standard deviation of 1/√(3·64) = 0.072, not 0.141)
     torch.manual_seed(4)
-    fresh = build("resnet8x4", num_classes=100)
-    build_method("catkd", {}).setup(fresh, build("resnet8x4", num_classes=100), x[:2])
-    assert fresh.classifier.weight.std().item() == pytest.approx(math.sqrt(2 / 100), rel=0.02)
+    fresh = build("resnet8", num_classes=100)
+    build_method("catkd", {}).setup(fresh, build("resnet8", num_classes=100), x[:2])
+    assert fresh.classifier.weight.std().item() == pytest.approx(math.sqrt(2 / 100), rel=0.04)
 
 
 def test_catkd_keeps_shufflenet_weights_and_the_option_keeps_the_bias():
@@ -260,7 +261,7 @@ def _release_vid(f_s: torch.Tensor, f_t: torch.Tensor, regressor: nn.Module, log
 
 @pytest.mark.parametrize("train_variance", [True, False])
 def test_vid_variances_train_as_repdistiller_or_stay_as_mdistiller(train_variance, f64):
-    teacher, x, y = _calibrated("resnet20"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    teacher, x, y = _calibrated("resnet14"), torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     torch.manual_seed(7)
     student = build("resnet8", num_classes=10)
     d = Distiller(student, teacher, "vid", train_variance=train_variance).train()
@@ -326,7 +327,7 @@ def test_ft_pre_phase_learning_rate_follows_the_student_and_needs_sgd():
     from kdlab.engine.optim import build_optimizer
 
     x = torch.randn(2, 3, 32, 32)
-    teacher = build("resnet20", num_classes=10)
+    teacher = build("resnet14", num_classes=10)
     for student, lr in (("resnet8", 0.01), ("wrn_16_1", 0.01), ("vgg8", 0.05), ("ShuffleV1", 0.05)):
         m = build_method("ft", {})
         m.setup(build(student, num_classes=10), teacher, x)
@@ -353,9 +354,9 @@ def test_ft_run_switches_optimizer_settings_between_phases(tmp_path):
             return {}
 
     torch.manual_seed(9)
-    save_weights(tmp_path / "t.safetensors", build("resnet20", num_classes=10).state_dict())
+    save_weights(tmp_path / "t.safetensors", build("resnet14", num_classes=10).state_dict())
     raw = {"data": {"name": "synthetic", "num_samples": 32, "num_classes": 10}, "model": {"name": "resnet8"},
-           "teacher": {"name": "resnet20", "checkpoint": str(tmp_path / "t.safetensors")},
+           "teacher": {"name": "resnet14", "checkpoint": str(tmp_path / "t.safetensors")},
            "method": {"name": "ft", "init_epochs": 1},
            "optim": {"lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "no_decay_norm": True},
            "schedule": {"name": "constant"}, "train": {"epochs": 1, "batch_size": 16, "progress": False, "threads": 1}}

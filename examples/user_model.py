@@ -89,7 +89,8 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         base,
         model={"name": me, "classifier": "out", "features": "trunk", "kwargs": {"width": 24}},
         teacher={"name": "mnist1d_cnn", "checkpoint": str(teacher_dir)},
-        method={"name": args.method},
+        # FitNet hints the one tapped feature: its default, stage 2 as released, needs a model that names its stages
+        method={"name": args.method, **({"hint_layer": None} if args.method == "fitnet" else {})},
     )
     cfg = load_config(None, common + [f"train.epochs={args.student_epochs}"], base=student_cfg)
     result = run(cfg, out / args.method, overwrite=True)

@@ -488,7 +488,7 @@ CASES = {
     "--status with a recipe": (lambda t: ["sweep", CE, "--status", t], "--status takes only the folder"),
     # -- round three: image data (issue 19 §3, issue 21)
     "image folder: a FIFO named like an image": (lambda t: ["train", CE, "data.name=imagefolder", f"data.root={_images(t, fifo=True)}",
-                                                            "--out", RUN, "--overwrite"], "zzz.png is a FIFO (named pipe), not a regular image file"),
+                                                            "--out", RUN, "--overwrite"], "zzz.png is a FIFO (named pipe), not a regular file"),
     "webdataset: no export at data.root": (lambda t: ["train", CE, "data.name=webdataset", f"data.root={t}", "--out", RUN, "--overwrite"],
                                            "WebDataset metadata not found"),
     "webdataset: an empty shard list": (lambda t: ["train", CE, "data.name=webdataset", "data.urls={train: [], val: [v.tar]}",

@@ -204,7 +204,7 @@ def test_a_fifo_is_refused_naming_it_or_skipped_and_counted(tmp_path, capsys, on
             "train.epochs=1", *FAST]  # fmt: skip
     code, _, err = kdlab(capsys, *base, "--out", tmp_path / "a")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "zzz.png is a FIFO (named pipe), not a regular image file" in err and not (tmp_path / "a").exists()
+    assert "zzz.png is a FIFO (named pipe), not a regular file" in err and not (tmp_path / "a").exists()
     code, _, err = kdlab(capsys, *base, "data.skip_bad_images=true", "--out", tmp_path / "b")
     assert code == 0, err
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())

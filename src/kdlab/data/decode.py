@@ -246,7 +246,7 @@ class SourceImage:
         except BadImage:
             raise
         except Exception as err:  # Pillow: UnidentifiedImageError, SyntaxError, struct.error, ...
-            raise BadImage(_reason(err)) from None
+            raise BadImage(describe_error(err)) from None
         self.width, self.height = self.encoded.width, self.encoded.height
         self.options = options
         pixels = self.width * self.height
@@ -263,7 +263,7 @@ class SourceImage:
         try:
             arr, applied = self.encoded.decode(reduce)
         except Exception as err:
-            raise BadImage(_reason(err)) from None
+            raise BadImage(describe_error(err)) from None
         h, w = arr.shape[:2]
         left, top, bw, bh = (v / applied for v in crop.box)
         # the box snapped to whole decoded pixels: its size rounded (the scale stays within half a pixel of the
@@ -276,7 +276,8 @@ class SourceImage:
         return resize(region, crop.out, self.options.max_pixels)
 
 
-def _reason(err: Exception) -> str:
+def describe_error(err: BaseException) -> str:
+    """``"TypeName: first line of the message"`` — a library's exception as one line of a kdlab message."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 

@@ -34,7 +34,7 @@ from kdlab.data.base import DATASETS, DataSource
 from kdlab.data.images import IMAGE_EXTENSIONS, ImageViews, build_image_transform, build_image_views
 from kdlab.data.stream import BadSample, StreamingDataset, View
 from kdlab.errors import ConfigError, DataError, KdlabError
-from kdlab.fileio import read_bytes
+from kdlab.fileio import check_file, read_bytes
 
 if TYPE_CHECKING:
     from kdlab.config import DataConfig
@@ -62,17 +62,6 @@ class PathTable:
 
     def __getitem__(self, i: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes()))
-
-
-def _not_regular(st: os.stat_result) -> str:
-    mode = st.st_mode
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 @dataclass
@@ -125,13 +114,14 @@ def _images_under(folder: Path, scan: _Scan) -> int:
             rel = os.path.join(rel_dir, e.name)
             try:
                 fst = e.stat()  # follows a file symlink: the file it names is what is counted once
-                why = None if stat.S_ISREG(fst.st_mode) else _not_regular(fst)
-                key = (fst.st_dev, fst.st_ino)
+                regular, key = stat.S_ISREG(fst.st_mode), (fst.st_dev, fst.st_ino)
             except OSError:
-                why, key = "a broken symlink", (-1, -len(scan.paths) - 1)
-            if why is not None and not scan.skip_bad:
-                raise DataError(f"image folder: {e.path} is {why}, not a regular image file "
-                                "(set data.skip_bad_images=true to skip and count it)")  # fmt: skip
+                regular, key = False, (-1, -len(scan.paths) - 1)  # a broken symlink
+            if not regular and not scan.skip_bad:
+                try:
+                    check_file(e.path, "image", what="image folder entry", error=DataError)  # names what it is
+                except DataError as err:
+                    raise DataError(f"{err} (set data.skip_bad_images=true to skip and count it)") from None
             scan.add(rel, key)
         stack.extend(reversed(subdirs))  # pre-order, sorted: os.walk's order
     return len(scan.paths) - before

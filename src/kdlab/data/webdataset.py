@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from kdlab.data.augment import ImageAugment
 from kdlab.data.base import DATASETS, Batch, DataSource, check_split
+from kdlab.data.decode import describe_error
 from kdlab.data.images import IMAGE_EXTENSIONS, ImageViews, build_image_transform, build_image_views
 from kdlab.data.stream import BadSample, Item, StreamBase, View, collate, worker_init
 from kdlab.errors import ConfigError, DataError, KdlabError
@@ -141,7 +142,7 @@ def _read_url(url: str, kind: str, what: str) -> bytes:
     except KdlabError:
         raise
     except Exception as err:
-        raise DataError(f"cannot read {what} {url} ({_why(err)})") from None
+        raise DataError(f"cannot read {what} {url} ({describe_error(err)})") from None
     if len(data) > limit:
         raise DataError(f"{what} {url} is over the limit for {kind} files")
     if not data:
@@ -167,11 +168,6 @@ def _open_stream(url: str) -> IO[bytes]:
     return gopen(url, "rb")
 
 
-def _why(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def expand_urls(spec: str | list[str], what: str) -> list[str]:
     """A split's shard URLs: each string brace-expanded (``train-{000..009}.tar``) and ``::``-split, as webdataset
     does."""
@@ -183,7 +179,7 @@ def expand_urls(spec: str | list[str], what: str) -> list[str]:
         try:
             urls.extend(wds_expand(item))
         except Exception as err:
-            raise ConfigError(f"{what}: cannot expand '{item}' ({_why(err)})") from None
+            raise ConfigError(f"{what}: cannot expand '{item}' ({describe_error(err)})") from None
     return urls
 
 
@@ -318,7 +314,7 @@ class _ShardStream:
         except KdlabError:
             raise
         except Exception as err:
-            raise DataError(f"cannot read {self.where()} ({_why(err)}{self._exit_status()})") from None
+            raise DataError(f"cannot read {self.where()} ({describe_error(err)}{self._exit_status()})") from None
         self._check_header()
 
     def _exit_status(self) -> str:
@@ -416,7 +412,7 @@ class _ShardStream:
         except (BadSample, DataError):
             raise
         except Exception as err:  # tarfile.ReadError / EOFError (truncated, corrupt), a failing URL or command
-            raise DataError(f"cannot read {self.where()} after {self.position} samples ({_why(err)}"
+            raise DataError(f"cannot read {self.where()} after {self.position} samples ({describe_error(err)}"
                             f"{self._exit_status()})") from None  # fmt: skip
 
     def close(self) -> None:

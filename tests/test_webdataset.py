@@ -231,6 +231,26 @@ def test_train_and_eval_through_the_cli_then_a_teacher_cache_keyed_by_sample(sha
     assert TeacherCache(cache).info.meta["samples"] == tr.data.sample_keys
 
 
+def test_urls_brace_patterns_lists_file_urls_and_trusted_pipe_commands_read_the_same_samples(shards):
+    from kdlab.trust import trusting
+
+    ref = [(x, i) for x, _, i in _data(shards).eval_batches("test", 5)]
+    specs = [
+        {"train": f"{shards}/train-{{000000..000006}}.tar", "val": [f"file://{shards}/val-000000.tar",
+                                                                     f"{shards}/val-000001.tar"]},
+        {"train": f"pipe:cat {shards}/train-{{000000..000006}}.tar", "val": f"pipe:cat {shards}/val-{{000000..000001}}.tar"},
+    ]  # fmt: skip
+    for urls in specs:
+        with trusting():
+            ds = _data(shards / "dataset.json", urls=urls)
+            got = [(x, i) for x, _, i in ds.eval_batches("test", 5)]
+            assert sorted(int(i) for _, _, idx in ds.train_batches(8, seed=0, epoch=1) for i in idx) == list(range(40))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got)) and len(got) == 3
+    with pytest.raises(Exception, match="is not train-000002.tar"):
+        _data(shards, urls={"train": [f"{shards}/train-{i:06d}.tar" for i in (0, 1, 3, 2, 4, 5, 6)],
+                            "val": f"{shards}/val-{{000000..000001}}.tar"})  # fmt: skip
+
+
 # ---- damage ----------------------------------------------------------------------------------------------------------
 
 

@@ -119,7 +119,12 @@ def _is_local(url: str) -> bool:
 
 
 def _local_path(url: str) -> str:
-    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+    if not url.startswith("file:"):
+        return url
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return url2pathname(urlparse(url).path)
 
 
 def _basename(url: str) -> str | None:

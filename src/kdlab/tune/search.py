@@ -9,9 +9,12 @@ Trials never read the test split: their config has ``data.read_test=false`` and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +110,45 @@ def launcher_for(out: Path, parallel: int, launcher: LauncherConfig, threads: in
     return runner, tasks
 
 
+def earlier_workers(out: Path) -> set[str]:
+    """Workers of an earlier `kdlab tune` on this study that are still running (or, on Slurm, queued): a killed
+    coordinator leaves them working, and a rerun neither starts them twice nor reports before they end."""
+    from kdlab.launch import LAUNCH_DIR
+    from kdlab.launch.status import task_statuses
+
+    if not (out / LAUNCH_DIR).is_dir():
+        return set()
+    statuses, _ = task_statuses(out / LAUNCH_DIR)
+    # a local task never started stays "pending" in the records: only a Slurm job (with an id) is really queued
+    return {n for n, st in statuses.items() if st.state == "running" or (st.state == "pending" and st.job_id)}
+
+
+def _wait_for(out: Path, names: set[str], log: Log) -> None:
+    if names:
+        log(f"tune: waiting for the earlier workers {', '.join(sorted(names))}")
+    while names:
+        time.sleep(float(os.environ.get("KDLAB_SLURM_POLL_S", "5")))
+        names = names & earlier_workers(out)
+
+
+@contextlib.contextmanager
+def _watching(out: Path, spec: TuneSpec, log: Log) -> Iterator[None]:
+    """Log each trial as workers elsewhere finish it, while the block runs."""
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(out, spec, log, stop), daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+
 def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConfig, threads: int | None,
                 log: Log) -> list[str]:  # fmt: skip
-    """Run the study's workers to their end; returns the error lines of workers that failed."""
+    """Run the study's workers to their end (and those of an earlier launch that still run); returns the error lines
+    of workers that failed."""
+    earlier = earlier_workers(out)
     if parallel == 1 and launcher.name == "local":
         from kdlab.tune.worker import run_worker
 
@@ -117,21 +156,21 @@ def run_workers(out: Path, spec: TuneSpec, parallel: int, launcher: LauncherConf
             run_worker(out, 0, threads, log)
         except KdlabError as err:  # the report is still written, the error ends the command
             return [f"worker: {err}"]
+        with _watching(out, spec, log):
+            _wait_for(out, earlier, log)
         return []
     from kdlab.launch import LAUNCH_DIR
 
     runner, tasks = launcher_for(out, parallel, launcher, threads)
-    sub = runner.submit(tasks, out / LAUNCH_DIR)
-    ids = f" (jobs {', '.join(sorted(set(sub.job_ids.values())))})" if sub.job_ids else ""
-    log(f"tune: {parallel} {launcher.name} workers{ids}; logs in {out / LOGS}")
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(out, spec, log, stop), daemon=True)
-    watcher.start()
-    try:
-        ends = sub.wait()
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
+    tasks = [t for t in tasks if t.name not in earlier]
+    ends = {}
+    with _watching(out, spec, log):
+        if tasks:
+            sub = runner.submit(tasks, out / LAUNCH_DIR)
+            ids = f" (jobs {', '.join(sorted(set(sub.job_ids.values())))})" if sub.job_ids else ""
+            log(f"tune: {len(tasks)} {launcher.name} workers{ids}; logs in {out / LOGS}")
+            ends = sub.wait()
+        _wait_for(out, earlier, log)
     return [f"{e.name} {e.state}: {e.error}" for e in ends.values() if e.state != "done"]
 
 

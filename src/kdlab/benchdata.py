@@ -239,6 +239,8 @@ def stage_breakdown(files: list[str], size: int = 224, k: int = 48) -> dict[str,
 
 
 def _stages(files: list[str], size: int) -> dict[str, dict[str, float]]:
+    """One pass; each image goes through the reference's stages and kdlab's back to back (alternating which goes
+    first), so that a change of the machine's load touches both sides alike."""
     import random
 
     from kdlab.data.augment import ImageAugment
@@ -248,48 +250,54 @@ def _stages(files: list[str], size: int) -> dict[str, dict[str, float]]:
     from kdlab.fileio import read_bytes
 
     ref = ReferenceImageFolder(files, [0] * len(files), train=True, size=size)
+    options = DecodeOptions()
+    decoder = build_decoder(options.decoder, options.max_pixels)
+    transform = ImagenetTransform(size=size)
     stages: dict[str, dict[str, float]] = {"reference": {}, "kdlab": {}}
 
     def add(side: str, stage: str, dt: float) -> None:
         stages[side][stage] = stages[side].get(stage, 0.0) + 1e3 * dt / len(files)
 
-    torch.manual_seed(0)
-    outs = []
-    for path in files:
+    def reference(path: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        img = ref.load(path)
+        img = ref.load(path)  # as torchvision's pil_loader (the files were checked regular when scanned)
         t1 = time.perf_counter()
         img = ref.random_resized_crop(img)
         t2 = time.perf_counter()
-        outs.append(ref.to_normalized_tensor(img))
-        t3 = time.perf_counter()
+        x = ref.to_normalized_tensor(img)
         add("reference", "read + decode", t1 - t0)
         add("reference", "crop + resize", t2 - t1)
-        add("reference", "to float + normalise", t3 - t2)
-    t0 = time.perf_counter()
-    torch.utils.data.default_collate([(x, 0) for x in outs])
-    add("reference", "collate", time.perf_counter() - t0)
+        add("reference", "to float + normalise", time.perf_counter() - t2)
+        return x
 
-    options = DecodeOptions()
-    decoder = build_decoder(options.decoder, options.max_pixels)
-    transform = ImagenetTransform(size=size)
-    outs = []
-    for i, path in enumerate(files):
+    def kdlab(i: int, path: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        data = read_bytes(path, "image")
-        src = SourceImage(data, decoder, options)
+        src = SourceImage(read_bytes(path, "image"), decoder, options)
         crop = transform.train_crop(src.width, src.height, random.Random(i))
         t1 = time.perf_counter()
         arr, applied = src.encoded.decode(dct_reduction(crop))
         t2 = time.perf_counter()
         left, top, bw, bh = (int(v / applied + 0.5) for v in crop.box)
-        outs.append(resize(arr[top : top + bh, left : left + bw], crop.out, options.max_pixels).permute(2, 0, 1))
-        t3 = time.perf_counter()
+        x = resize(arr[top : top + bh, left : left + bw], crop.out, options.max_pixels).permute(2, 0, 1)
         add("kdlab", "read + header + plan", t1 - t0)
         add("kdlab", "decode (reduced scale)", t2 - t1)
-        add("kdlab", "crop + resize", t3 - t2)
+        add("kdlab", "crop + resize", time.perf_counter() - t2)
+        return x
+
+    torch.manual_seed(0)
+    ref_out, our_out = [], []
+    for i, path in enumerate(files):
+        if i % 2:
+            our_out.append(kdlab(i, path))
+            ref_out.append(reference(path))
+        else:
+            ref_out.append(reference(path))
+            our_out.append(kdlab(i, path))
     t0 = time.perf_counter()
-    batch = stack_inputs(outs)
+    torch.utils.data.default_collate([(x, 0) for x in ref_out])
+    add("reference", "collate", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    batch = stack_inputs(our_out)
     add("kdlab", "collate (uint8)", time.perf_counter() - t0)
     norm = ImageAugment(IMAGENET_MEAN, IMAGENET_STD, num_samples=0, enabled=False)
     t0 = time.perf_counter()

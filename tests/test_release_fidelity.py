@@ -136,6 +136,38 @@ def test_the_engine_runs_the_teacher_on_batch_statistics_without_folding_or_upda
     assert summary["teacher_test_acc"] == pytest.approx(ev["acc"])
 
 
+class _UserNet(nn.Module):
+    """A user model whose stages are named by their BatchNorms (pre-activations and OFD's margins)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batch_statistics_teacher_keeps_a_user_models_batchnorm_taps(f64):
+    torch.manual_seed(10)
+    teacher, student, x = _UserNet(8), _UserNet(4), torch.randn(6, 3, 8, 8) * 2 + 1
+    with torch.no_grad():
+        teacher(x)  # running statistics away from 0 / 1
+    taps = {"classifier": "fc", "features": ["bn1", "bn2"]}
+    d = Distiller(student, teacher.eval(), "ofd", student_taps=taps, teacher_taps=taps).train()
+    d.setup(x)
+    got = d.teacher_outputs(x).preacts
+    released = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        h1 = released.bn1(released.conv1(x))
+        want = (h1, released.bn2(released.conv2(torch.relu(h1))))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(d(x, torch.arange(6)).loss)
+
+
 @pytest.mark.parametrize("method", ["wsld", "ofd"])
 def test_a_teacher_cache_cannot_replay_batch_statistics(method, tmp_path):
     from kdlab.engine.teacher_cache import cache_refusal

@@ -162,7 +162,10 @@ def batch_statistics_copy(model: nn.Module) -> nn.Module:
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     for _, parent, key, module in list(_named_slots(frozen)):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            parent._modules[key] = BatchStatisticsNorm(module)
+            new = BatchStatisticsNorm(module)
+            for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs"):
+                getattr(new, hooks).update(getattr(module, hooks, {}))  # taps on a BatchNorm (user models) still fire
+            parent._modules[key] = new
     return frozen
 
 

@@ -90,3 +90,22 @@ def test_rendezvous_from_an_srun_step_only():
     assert slurm_rendezvous({**step, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task
     assert slurm_rendezvous({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == {}  # a batch script, not a step
     assert first_host("a[1-2,5]-ib,b3") == "a1-ib" and first_host("node7") == "node7"
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
+    """A resubmitted or requeued task whose run is still being written elsewhere stops at the folder lock."""
+    import subprocess
+
+    from conftest import CONFIGS, SMALL
+
+    from kdlab.config import load_config
+    from kdlab.engine.rundir import FolderLock
+    from kdlab.pipelines.runner import write_job
+
+    cfg = load_config(CONFIGS / "mnist1d" / "teacher_cnn.yaml", SMALL)
+    run = tmp_path / "run"
+    argv = write_job(tmp_path / "job.json", cfg, run, tmp_path, "plan")
+    with FolderLock(run):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "is writing to" in res.stderr, res.stderr
+    assert not (run / "config.yaml").exists()

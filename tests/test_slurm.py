@@ -174,6 +174,8 @@ def test_sweep_with_a_requeued_job_equals_the_local_sweep(submitted, cli, one_th
     assert table(local) == table(out)
     status = kdlab("sweep", "--status", out)
     assert status.stdout.count(" done ") == 5, status.stdout  # 4 runs and the tables job
+    again = kdlab("sweep", TEACHER, *SWEEP, *GRID, "--out", out, "--launcher", "slurm")  # finished runs: skipped
+    assert "4 finished, 0 to resume, 0 new" in again.stderr and not queued(f"kdlab:{out.name}"), again.stderr
 
 
 def test_time_limit_requeues_and_ends_bit_identical(submitted, cli, one_thread, tmp_path):
@@ -188,6 +190,8 @@ def test_time_limit_requeues_and_ends_bit_identical(submitted, cli, one_thread, 
     assert weights(out) == weights(ref)
     a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (ref, out))
     assert a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"]
+    status = kdlab("sweep", "--status", out)  # a single run folder
+    assert re.search(r" done +top-1 \d+\.\d+% +top-5", status.stdout) and "job " in status.stdout, status.stdout
 
 
 def test_chain_order_status_of_every_state_and_cancel(submitted):

@@ -25,6 +25,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,8 +203,6 @@ class SlurmLauncher(Launcher):
             if key in seen:
                 continue
             seen.add(key)
-            import tempfile
-
             with tempfile.TemporaryDirectory() as tmp:
                 script = test_script(s, Path(tmp), len(group))
                 res = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
@@ -234,7 +233,7 @@ class SlurmLauncher(Launcher):
             done = list(sub.job_ids.values())
             with contextlib.suppress(KdlabError):
                 slurm_queue.cancel(done)
-            msg = slurm_queue.one_line(str(getattr(err, "args", [err])[0]) if err.args else repr(err))
+            msg = slurm_queue.one_line(str(err) or repr(err))
             after = f"; the {len(done)} job(s) submitted before were cancelled" if done else "; nothing was submitted"
             raise KdlabError(f"submitting to Slurm failed: {msg}{after}") from None
         return sub

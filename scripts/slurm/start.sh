@@ -99,11 +99,11 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
   munge -n </dev/null | unmunge >/dev/null 2>&1 || fail "munged did not start (see /var/log/munge/munged.log)"
 fi
 
-# the daemons of an earlier start (another configuration, or hung): stopped; their state is kept
+# the daemons of an earlier start (another configuration, or hung): stopped, and started afresh below
 KDLAB_SLURM_DIR="$DIR" bash "$(dirname "$0")/stop.sh" 2>/dev/null
 
 mkdir -p "$DIR/state" "$DIR/spool"
-slurmctld -f "$CONF" -i 9>&-   # -i: ignore state files that do not fit this configuration; 9>&-: not holding our lock
+slurmctld -f "$CONF" -c -i 9>&-   # -c: no jobs of an earlier start; 9>&-: the daemons do not hold our lock
 slurmd -f "$CONF" 9>&-
 for _ in $(seq 100); do
   if up; then break; fi

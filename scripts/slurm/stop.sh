@@ -6,8 +6,10 @@ DIR="${KDLAB_SLURM_DIR:-/tmp/kdlab-slurm}"
 for d in slurmd slurmctld; do
   if [ -f "$DIR/$d.pid" ]; then
     pid="$(cat "$DIR/$d.pid")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$d" ]; then  # not a pid reused by another program
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
     rm -f "$DIR/$d.pid"
   fi
 done

@@ -399,3 +399,31 @@ def test_trials_that_cannot_run_fail_with_their_error_and_three_in_a_row_stop(tm
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all("checkpoint not found" in t.user_attrs["error"] for t in trials)
     assert "3 of 5 trials: 3 fail" in (out / "results.md").read_text()
+
+
+def test_a_rerun_waits_for_workers_an_earlier_launch_left_running(tmp_path, monkeypatch):
+    """A killed `kdlab tune` leaves its local workers (or queued Slurm jobs) working: the rerun counts them from the
+    launch records, starts none of their names again, and reports only once they have ended."""
+    from kdlab.launch import LAUNCH_DIR
+    from kdlab.launch import records
+    from kdlab.tune.search import _wait_for, earlier_workers
+
+    folder = tmp_path / LAUNCH_DIR
+    import threading
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    threading.Thread(target=alive.wait, daemon=True).start()  # reaped when it ends, as init reaps an orphan
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, pid in (("tune-worker-0", alive.pid), ("tune-worker-1", gone.pid)):
+        records.record_submission(folder, "local", name, tmp_path / f"{name}.log", [], None)
+        records.started(folder, name, pid)
+    records.record_submission(folder, "local", "tune-worker-2", tmp_path / "w2.log", [], None)  # never started
+    assert earlier_workers(tmp_path) == {"tune-worker-0"}
+    monkeypatch.setenv("KDLAB_SLURM_POLL_S", "0.1")
+    lines: list[str] = []
+    t0 = time.monotonic()
+    _wait_for(tmp_path, {"tune-worker-0"}, lines.append)
+    assert alive.poll() is not None and time.monotonic() - t0 < 30
+    assert lines == ["tune: waiting for the earlier workers tune-worker-0"]
+    assert earlier_workers(tmp_path) == set()

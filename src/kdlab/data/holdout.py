@@ -91,8 +91,8 @@ class HeldOut:
             return self.val_idx
         if split == "test":
             if not self.read_test:
-                raise DataError("this run does not read the test split (data.read_test=false): tuning evaluates "
-                                "on the val split only")  # fmt: skip
+                raise DataError("this run does not read the test split (data.read_test=false: a tuning trial is "
+                                "measured on the val split); once the search is over, data.read_test=true reads it")  # fmt: skip
             return None
         raise ConfigError(f"split must be one of {', '.join(HELD_OUT_SPLITS)}, got '{split}'")
 

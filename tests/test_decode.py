@@ -72,10 +72,10 @@ def test_reduced_decode_matches_full_decode_in_batch_statistics(photo):
     assert reduced >= 24  # most crops of an 800×600 image are decoded at 1/2 or less for a 64-px output
     assert torch.allclose(xa.mean((0, 1, 2)), xb.mean((0, 1, 2)), atol=0.5)  # per-channel batch statistics
     assert torch.allclose(xa.std((0, 1, 2)), xb.std((0, 1, 2)), atol=1.0)
-    # per pixel: the same content filtered a little differently (DCT scaling is a block average), much closer than
-    # the same crop moved by 4 source pixels
-    assert (xa - xb).abs().mean() < 0.75 * (xs - xb).abs().mean()
-    assert (t.eval(fast).float() - t.eval(full).float()).abs().mean() < 6
+    # per pixel: the same content filtered a little differently (DCT scaling is a block average), far closer than
+    # the same crop moved by 4 source pixels (a box misplaced by half a reduced pixel would be about as far)
+    assert (xa - xb).abs().mean() < 0.4 * (xs - xb).abs().mean()
+    assert (t.eval(fast).float() - t.eval(full).float()).abs().mean() < 3
 
 
 def test_pillow_and_simplejpeg_decode_the_same_pixels_at_every_reduction(photo):

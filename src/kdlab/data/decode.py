@@ -237,6 +237,21 @@ def resize(region: np.ndarray, out: tuple[int, int], max_pixels: int) -> torch.T
     return y[0].permute(1, 2, 0)
 
 
+def _resize_box(arr: np.ndarray, box: tuple[float, float, float, float], crop: Crop, max_pixels: int) -> torch.Tensor:
+    """``box`` ``(left, top, width, height)`` of a uint8 H×W×3 array — fractional — resized to ``crop.out``
+    (Pillow's antialiased bilinear, which centres its filter on the box's own pixel grid), mirrored if asked."""
+    ow, oh = crop.out
+    if ow * oh > max_pixels:
+        raise BadImage(f"a resize to {ow}×{oh} would exceed data.max_image_pixels={max_pixels}")
+    h, w = arr.shape[:2]
+    left, top, bw, bh = box
+    x0, y0 = min(max(left, 0.0), w - 1e-3), min(max(top, 0.0), h - 1e-3)
+    x1, y1 = min(max(left + bw, x0 + 1e-3), float(w)), min(max(top + bh, y0 + 1e-3), float(h))
+    image_mod = pil_image()
+    out = np.asarray(image_mod.fromarray(arr).resize((ow, oh), image_mod.Resampling.BILINEAR, box=(x0, y0, x1, y1)))
+    return torch.from_numpy(np.array(out[:, ::-1] if crop.flip else out, order="C"))
+
+
 class SourceImage:
     """An encoded image opened for rendering views (``width`` / ``height``: its full size from the header)."""
 
@@ -266,6 +281,8 @@ class SourceImage:
             raise BadImage(describe_error(err)) from None
         h, w = arr.shape[:2]
         left, top, bw, bh = (v / applied for v in crop.box)
+        if applied > 1:  # the box is fractional in reduced pixels: resampled exactly where it lies (Pillow's
+            return _resize_box(arr, (left, top, bw, bh), crop, self.options.max_pixels)  # box resize), small input
         # the box snapped to whole decoded pixels: its size rounded (the scale stays within half a pixel of the
         # plan), its corner to the nearest pixel (torchvision's centre crop rounds its offsets the same way)
         cw, ch = min(max(int(bw + 0.5), 1), w), min(max(int(bh + 0.5), 1), h)

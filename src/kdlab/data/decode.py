@@ -217,12 +217,17 @@ def build_decoder(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoder:
 # rendering
 
 
+def _bounded(out: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """``out`` if a resize to it stays within ``max_pixels`` (``data.max_image_pixels``), else :class:`BadImage`."""
+    if out[0] * out[1] > max_pixels:
+        raise BadImage(f"a resize to {out[0]}×{out[1]} would exceed data.max_image_pixels={max_pixels}")
+    return out
+
+
 def resize(region: np.ndarray, out: tuple[int, int], max_pixels: int) -> torch.Tensor:
     """A uint8 H×W×C region resized to ``out`` ``(width, height)``: bilinear with antialiasing (Pillow's filter);
     returned H×W×C (dense). The output is bounded by ``max_pixels``."""
-    ow, oh = out
-    if ow * oh > max_pixels:
-        raise BadImage(f"a resize to {ow}×{oh} would exceed data.max_image_pixels={max_pixels}")
+    ow, oh = _bounded(out, max_pixels)
     if not (region.flags.c_contiguous and region.flags.writeable):
         region = np.array(region, order="C")  # the crop (and mirror) copied once, writable for torch
     x = torch.from_numpy(region)
@@ -240,9 +245,7 @@ def resize(region: np.ndarray, out: tuple[int, int], max_pixels: int) -> torch.T
 def _resize_box(arr: np.ndarray, box: tuple[float, float, float, float], crop: Crop, max_pixels: int) -> torch.Tensor:
     """``box`` ``(left, top, width, height)`` of a uint8 H×W×3 array — fractional — resized to ``crop.out``
     (Pillow's antialiased bilinear, which centres its filter on the box's own pixel grid), mirrored if asked."""
-    ow, oh = crop.out
-    if ow * oh > max_pixels:
-        raise BadImage(f"a resize to {ow}×{oh} would exceed data.max_image_pixels={max_pixels}")
+    ow, oh = _bounded(crop.out, max_pixels)
     h, w = arr.shape[:2]
     left, top, bw, bh = box
     x0, y0 = min(max(left, 0.0), w - 1e-3), min(max(top, 0.0), h - 1e-3)

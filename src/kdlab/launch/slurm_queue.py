@@ -103,7 +103,7 @@ def ended(job_ids: list[str]) -> tuple[dict[str, Ended], str]:
             parts = line.split("|")
             if len(parts) == 3:
                 out[parts[0]] = Ended(parts[1].split()[0], parts[2], "sacct")
-        return out, "sacct"
+        return out, "ended jobs from sacct"
     why = one_line(res.stderr)
     r = _run(["scontrol", "--oneliner", "show", "job"], check=False)  # every job the controller still remembers
     wanted, out = set(job_ids), {}
@@ -114,7 +114,7 @@ def ended(job_ids: list[str]) -> tuple[dict[str, Ended], str]:
             ids.add(f"{f['ArrayJobId']}_{f['ArrayTaskId']}")
         for j in ids & wanted:
             out[j] = Ended(f.get("JobState", "UNKNOWN"), f.get("ExitCode", ""), "scontrol")
-    return out, f"scontrol (sacct: {why})"
+    return out, f"ended jobs from scontrol, which forgets them after MinJobAge (sacct: {why})"
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlab.errors import KdlabError
 from kdlab.launch import records, slurm_queue
 from kdlab.launch.base import LaunchTask, TaskEnd
 from kdlab.launch.local import STOPPED, end_of
@@ -56,7 +57,10 @@ def task_statuses(folder: Path, names: list[str] | None = None) -> tuple[dict[st
     subs = {n: records.read_submitted(folder, n) for n in names}
     progs = {n: records.read_progress(folder, n) for n in names}
     slurm = {n: s.job_id for n, s in subs.items() if s is not None and s.launcher == "slurm" and s.job_id}
-    active = slurm_queue.queue(list(slurm.values())) if slurm else {}
+    try:
+        active = slurm_queue.queue(list(slurm.values())) if slurm else {}
+    except KdlabError as err:  # Slurm not reachable from here: what the records say, and that it is only that
+        return _recorded(folder, names, subs, progs, slurm), f"the last recorded states only, {err}"
     gone = {n: j for n, j in slurm.items() if j not in active}
     final, source = slurm_queue.ended(list(gone.values())) if gone else ({}, "")
     host = socket.gethostname()
@@ -98,3 +102,21 @@ def task_statuses(folder: Path, names: list[str] | None = None) -> tuple[dict[st
             detail = "" if rc == 0 else records.last_error(Path(log), rc)
             out[n] = TaskStatus(n, state, None, prog.host, detail, log)
     return out, source
+
+
+def _recorded(folder: Path, names: list[str], subs: dict, progs: dict, slurm: dict[str, str]) -> dict[str, TaskStatus]:
+    """Task states from the launch records alone (the queue could not be asked): last recorded, said so."""
+    out: dict[str, TaskStatus] = {}
+    for n in names:
+        sub, prog = subs[n], progs[n]
+        if sub is None:
+            continue
+        job = slurm.get(n)
+        if prog is not None and prog.state == "ended" and prog.returncode is not None and prog.job_id == job:
+            end = end_of(LaunchTask(n, ("?",), Path(sub.log)), prog.returncode, 0.0, job)
+            out[n] = TaskStatus(n, end.state, job, prog.host, end.error or "", sub.log)
+        elif prog is not None and prog.state == "running" and prog.job_id == job:
+            out[n] = TaskStatus(n, "running", job, prog.host, "last recorded state", sub.log)
+        else:
+            out[n] = TaskStatus(n, "pending", job, "", "last recorded state: submitted", sub.log)
+    return out

@@ -39,6 +39,7 @@ TRAIN_EVAL = "train_eval.json"
 #: keys that may differ between a run's saved config.yaml and the plan (they do not change results)
 VOLATILE = {"train.progress", "train.threads", "train.device", "meta", "launcher"}
 WORKER = "kdlab.pipelines.worker"
+PLAN_LOCK = ".kdlab-pipeline.lock"  # held by the process working on a plan folder
 
 Log = Callable[[str], None]
 
@@ -111,7 +112,7 @@ def load_result(run_dir: Path) -> dict[str, Any]:
 def plan_lock(out: Path) -> Iterator[None]:
     """Hold ``OUT/.kdlab-pipeline.lock`` (one process works on a plan folder at a time)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ".kdlab-pipeline.lock"
+    path = out / PLAN_LOCK
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX: no lock
@@ -375,7 +376,7 @@ def submit(
 # --------------------------------------------------------------------------------------------------------------------
 # single commands submitted to a launcher (`kdlab train/distill/cache-teacher --launcher slurm`)
 
-RUN_TASK = "run"
+RUN_TASK = "run"  # the launch-task name of a single run (`kdlab train/distill --launcher slurm`)
 
 
 def submit_command(settings: LauncherConfig, name: str, argv: Sequence[str], folder: Path, log: Path,

@@ -20,9 +20,7 @@ from kdlab.errors import KdlabError
 from kdlab.launch import LAUNCH_DIR
 from kdlab.launch import records as rec
 from kdlab.launch.status import STATES, TaskStatus, task_statuses
-
-PLAN_LOCK = ".kdlab-pipeline.lock"
-RUN_TASK = "run"  # the launch-task name of a single run submitted with `kdlab train/distill --launcher`
+from kdlab.pipelines.runner import PLAN_LOCK, RUN_TASK, TRAIN_EVAL
 
 
 @dataclass
@@ -56,7 +54,7 @@ class StatusReport:
             where = "  ".join(x for x in (f"job {r.job_id}" if r.job_id else "", f"on {r.node}" if r.node else "") if x)
             lines.append(f"  {r.run:<{width}}  {r.state:<9}  {r.detail}" + (f"  ({where})" if where else ""))
         if self.source:
-            lines.append(f"(jobs that left the queue: {self.source})")
+            lines.append(f"(Slurm: {self.source})")
         return "\n".join(lines)
 
 
@@ -143,7 +141,6 @@ def _state(run: Path, name: str, tasks: dict[str, TaskStatus], finished_marker: 
 def plan_status(folder: str | Path) -> StatusReport:
     """The status of every run of a plan folder (``plan.json``) or of one run folder."""
     from kdlab.fileio import read_json
-    from kdlab.pipelines.runner import TRAIN_EVAL
 
     folder = Path(folder)
     if not folder.is_dir():

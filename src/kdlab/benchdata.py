@@ -386,6 +386,10 @@ def run_data_bench(
         ref = out[f"reference{suffix}_img_s"]
         for p in ("folder", "webdataset"):
             out[f"{p}{suffix}_vs_reference"] = round(out[f"{p}{suffix}_img_s"] / ref, 2) if ref else None
+            # the same round's rates side by side (the load of a shared machine drifts between rounds)
+            paired = [a / b for a, b in zip(out[f"{p}{suffix}_rounds_img_s"], out[f"reference{suffix}_rounds_img_s"]) if b]
+            out[f"{p}{suffix}_vs_reference_per_round"] = [round(v, 2) for v in paired]
+            out[f"{p}{suffix}_vs_reference_paired_median"] = round(_median(paired), 2) if paired else None
     return out
 
 
@@ -401,8 +405,10 @@ def format_data_report(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for p in PIPELINES:
-        vs = "1.00×" if p == "reference" else f"{res[p + '_vs_reference']:.2f}×"
-        vs_eval = "1.00×" if p == "reference" else f"{res[p + '_eval_vs_reference']:.2f}×"
+        vs = "1.00×" if p == "reference" else (f"{res[p + '_vs_reference']:.2f}× (per round: "
+                                                 f"{res[p + '_vs_reference_paired_median']:.2f}×)")  # fmt: skip
+        vs_eval = "1.00×" if p == "reference" else (f"{res[p + '_eval_vs_reference']:.2f}× (per round: "
+                                                      f"{res[p + '_eval_vs_reference_paired_median']:.2f}×)")  # fmt: skip
         lines.append(f"| {DESCRIPTIONS[p]} | {res[p + '_img_s']:.0f} | {vs} | {res[p + '_eval_img_s']:.0f} | "
                      f"{vs_eval} | {res[p + '_main_cpu_ms_per_image']:.2f} |")  # fmt: skip
     lines += ["", f"where the time goes (ms per image, one process, training transform; decoder {res['decoder']}):"]

@@ -144,8 +144,10 @@ def submitted(slurm_cluster, tmp_path_factory):  # noqa: F811
     d["base"], d["watcher"], d["requeued"] = base, watcher, requeued
     d["chain_watcher"], d["chain_seen"], d["chain_lines"] = chain_watcher, chain_seen, chain_lines
     yield d
+    from kdlab.pipelines import cancel_plan
+
     for k in commands:  # leave nothing running behind (e.g. when only some of the tests ran)
-        kdlab("sweep", "--cancel", d[k], check=False)
+        cancel_plan(d[k])
 
 
 def test_sweep_with_a_requeued_job_equals_the_local_sweep(submitted, cli, one_thread, tmp_path):
@@ -263,14 +265,15 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_one_line_exit_2_nothing_submitted(case, slurm_cluster, tmp_path):  # noqa: F811
+def test_bad_input_one_line_exit_2_nothing_submitted(case, slurm_cluster, tmp_path, cli, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "out"
-    env = dict(os.environ)
     if case == "slurm not installed":
-        env["PATH"] = str(Path(sys.executable).parent)  # python and kdlab, no Slurm client
-    res = kdlab(*BAD[case][0](tmp_path), "--out", out, check=False, env=env)
-    err = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(err) == 1 and err[0].startswith("kdlab: error: "), res.stderr
+        monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    capsys.readouterr()
+    code = cli(*BAD[case][0](tmp_path), "--out", out)
+    err = capsys.readouterr().err.strip().splitlines()
+    monkeypatch.undo()
+    assert code == 2 and len(err) == 1 and err[0].startswith("kdlab: error: "), err
     assert BAD[case][1] in err[0], err
     assert not out.exists()
     assert not queued(f"kdlab:{out.name}")  # nothing submitted

@@ -109,3 +109,25 @@ def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
         res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "is writing to" in res.stderr, res.stderr
     assert not (run / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("field, value", [("setup", ["module load cuda"]), ("python", "/opt/py/bin/python3")])
+def test_shell_text_from_a_config_needs_trust(tmp_path, field, value):
+    """launcher.setup / launcher.python run on the cluster: a recipe from someone else must not run them unasked."""
+    from kdlab.launch.slurm import SlurmLauncher
+    from kdlab.trust import UntrustedCodeError, trusting
+
+    marker = tmp_path / "ran"
+    launcher = SlurmLauncher(LauncherConfig(name="slurm", **{field: value}))
+    task = LaunchTask(name="a", argv=("touch", str(marker)), log=tmp_path / "a.log")
+    with trusting(False), pytest.raises(UntrustedCodeError, match=f"launcher.{field} .*--trust-code"):
+        launcher.check([task])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kw", [{"additional": {"comment": "x\nrm -rf ~"}}, {"partition": "gpu\necho pwned"},
+                                {"setup": ["module load a\necho b"]}, {"account": "lab\r"}])  # fmt: skip
+def test_launcher_values_are_one_line(kw):
+    """Each value lands on an #SBATCH line: a line break would add a shell line to the job script."""
+    with pytest.raises(ValueError, match="must be one line"):
+        LauncherConfig(name="slurm", **kw)

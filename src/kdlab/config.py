@@ -406,6 +406,17 @@ class LauncherConfig(_Strict):
             slurm_minutes(v)
         return v
 
+    @model_validator(mode="after")
+    def _one_line_values(self) -> LauncherConfig:
+        """Every value lands on an ``#SBATCH`` line: a line break would smuggle a shell line into the job script."""
+        values = [(k, v) for k, v in self if k != "setup" and isinstance(v, str)]
+        values += [(f"additional.{k}", f"{k} {v}") for k, v in self.additional.items()]
+        values += [(f"setup[{i}]", v) for i, v in enumerate(self.setup)]
+        for key, text in values:
+            if any(c in str(text) for c in "\n\r\0"):
+                raise ValueError(f"launcher.{key} must be one line (no line breaks or NUL characters)")
+        return self
+
     @property
     def time_minutes(self) -> int | None:
         return None if self.time is None else slurm_minutes(self.time)

@@ -38,13 +38,14 @@ LOCK_NAME = ".kdlab.lock"
 LOCK_FILES = (LOCK_NAME, ".kdlab-pipeline.lock")
 
 
-def open_lock_file(path: Path) -> Any:
-    """Open (creating it) the lock file ``path`` for reading and writing — never through a symlink, and only a
-    regular file: a lock file planted as a link to one of your files, a FIFO or a device is refused, not truncated."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+def open_lock_file(path: Path, create: bool = True) -> Any:
+    """Open (creating it unless ``create`` is false) the lock file ``path`` for reading and writing — never through
+    a symlink, and only a regular file: a lock file planted as a link to one of your files, a FIFO or a device is
+    refused, not truncated. Every ``flock``-ed file of kdlab (run folders, plans, caches, studies) opens here."""
+    flags = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as err:
+        fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o666)
+    except OSError:
         if os.path.islink(path):
             raise KdlabError(f"lock file {path} is a symbolic link; remove it (kdlab's lock is a plain file)") from None
         raise

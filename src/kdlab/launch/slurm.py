@@ -39,6 +39,7 @@ from kdlab.errors import KdlabError
 from kdlab.launch import records, slurm_queue
 from kdlab.launch.base import LaunchTask, Launcher, OnEnd, Submission, TaskEnd, check_tasks
 from kdlab.launch.local import task_env
+from kdlab.trust import allow_shell
 
 SUBMITIT_DIR = "slurm"  # under the launch folder: submitit's sbatch scripts, pickles and its own logs
 POLL_ENV = "KDLAB_SLURM_POLL_S"
@@ -195,6 +196,11 @@ class SlurmLauncher(Launcher):
 
     def check(self, tasks: Sequence[LaunchTask]) -> None:
         check_tasks(tasks)
+        for s in {id(self._settings(t)): self._settings(t) for t in tasks}.values():
+            for line in s.setup:
+                allow_shell("launcher.setup", line)
+            if s.python:
+                allow_shell("launcher.python", s.python)
         slurm_queue.require_slurm("sbatch")
         seen: set[str] = set()
         for group in self.groups(tasks):

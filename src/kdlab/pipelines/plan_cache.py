@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import RunConfig, validate
+from kdlab.engine.rundir import open_lock_file
 from kdlab.errors import KdlabError
 
 CACHE_DIR = ".teacher_cache"
@@ -69,7 +70,7 @@ def _build_lock(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - non-POSIX: no lock
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a+") as f:
+    with open_lock_file(path.with_name(path.name + ".lock")) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from kdlab.config import LauncherConfig, RunConfig, read_yaml, validate
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.engine.rundir import entries, is_run_dir
+from kdlab.engine.rundir import entries, is_run_dir, open_lock_file
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.launch import LAUNCH_DIR, LaunchTask, TaskEnd, get_launcher
 from kdlab.pipelines.plan import Task
@@ -118,7 +118,7 @@ def plan_lock(out: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - non-POSIX: no lock
         yield
         return
-    f = open(path, "a+")
+    f = open_lock_file(path)
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,9 +148,12 @@ def _line(i: int, n: int, task: Task, root: Path, outcome: Outcome) -> str:
     head = f"[{i:>{w}}/{n}] {outcome.status:<9} {task.rel(root)}"
     r = outcome.result
     if r is not None:
-        top5 = f" (top-5 {r['best_test_top5']:.2f}%)" if r.get("best_test_top5") is not None else ""
-        return (f"{head}  test {r['final_test_acc']:.2f}%  best {r['best_test_acc']:.2f}%{top5}  "
-                f"train {r.get('train_eval_acc', float('nan')):.2f}%  ({outcome.seconds:.1f} s)")  # fmt: skip
+        def pct(key: str) -> str:
+            return "n/a" if r.get(key) is None else f"{r[key]:.2f}%"
+
+        top5 = f" (top-5 {pct('best_test_top5')})" if r.get("best_test_top5") is not None else ""
+        return (f"{head}  test {pct('final_test_acc')}  best {pct('best_test_acc')}{top5}  "
+                f"train {pct('train_eval_acc')}  ({outcome.seconds:.1f} s)")  # fmt: skip
     if outcome.job_id:
         head = f"{head}  job {outcome.job_id}"
     return f"{head}  {outcome.error or ''}".rstrip()

@@ -9,7 +9,6 @@ in progress is recognised by the lock its process holds on the run folder (``/pr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -76,12 +75,12 @@ def lock_holder(path: Path) -> int | None:
 def _epochs(run: Path) -> tuple[int | None, int | None]:
     """(last finished epoch, epochs asked for) of a run folder (``None`` where unknown)."""
     from kdlab.config import read_yaml
-    from kdlab.fileio import read_text
+    from kdlab.engine.rundir import read_metrics
 
     done = total = None
-    with contextlib.suppress(KdlabError, OSError, ValueError):
-        lines = [ln for ln in read_text(run / "metrics.jsonl", "metrics").splitlines() if ln.strip()]
-        done = int(json.loads(lines[-1])["epoch"]) if lines else 0
+    with contextlib.suppress(KdlabError, OSError):
+        rows = read_metrics(run)  # a torn last line of the writer is skipped
+        done = rows[-1]["epoch"] if rows else 0
     with contextlib.suppress(KdlabError, OSError, TypeError, AttributeError):
         total = int(read_yaml(run / "config.yaml")["train"]["epochs"])
     return done, total

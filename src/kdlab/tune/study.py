@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kdlab.engine.atomic import atomic_write_text
+from kdlab.engine.rundir import open_lock_file
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.registry import Registry
 from kdlab.seeding import derive_seed
@@ -188,7 +189,7 @@ def claim(out: Path) -> Iterator[None]:
     server)."""
     import fcntl
 
-    with open(out / "claim.lock", "a") as f:
+    with open_lock_file(out / "claim.lock") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -205,7 +206,7 @@ class WorkerLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        self._file = open_lock_file(self.path)
         fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._file.write(f"{os.getpid()}\n")
         self._file.flush()
@@ -225,7 +226,7 @@ def worker_alive(out: Path, worker: str | None) -> bool:
         return False
     path = out / WORKERS_DIR / f"{worker}.lock"
     try:
-        f = open(path)
+        f = open_lock_file(path, create=False)
     except OSError:
         return False
     with f:

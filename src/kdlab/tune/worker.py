@@ -18,7 +18,6 @@ the running trial RUNNING; whoever claims next finds its worker dead and queues 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -66,14 +65,11 @@ class ReportToPruner(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         """A resumed trial: report the epochs that ran before (its ``metrics.jsonl`` as the trainer restored it)."""
-        from kdlab.fileio import read_text
+        from kdlab.engine.rundir import read_metrics
 
-        path = trainer.out / "metrics.jsonl"
-        if path.is_file():
-            for line in read_text(path, "metrics").splitlines():
-                row = json.loads(line)
-                if row.get("epoch", 0) > 0 and REPORTED in row:
-                    self.trial.report(row[REPORTED], row["epoch"])
+        for row in read_metrics(trainer.out):
+            if row["epoch"] > 0 and REPORTED in row:
+                self.trial.report(row[REPORTED], row["epoch"])
 
     def on_epoch_row(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if row["epoch"] > 0:  # a method's pre-phase (epochs <= 0) is not reported

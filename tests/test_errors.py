@@ -252,3 +252,15 @@ def test_numeric_flag_types():
     for fn, bad in ((positive_int, "0"), (positive_int, "-1"), (nonnegative_int, "-1"), (positive_int, "2.5")):
         with pytest.raises(argparse.ArgumentTypeError):
             fn(bad)
+
+
+def test_cli_start_up_imports_no_torch():
+    """`kdlab --help`, `--status` and every usage error stay light: the config-key epilog (which imports every method
+    and torch) is built only when a command's --help is printed."""
+    import sys
+
+    code = "import sys; from kdlab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+    helped = subprocess.run([sys.executable, "-m", "kdlab", "train", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "config keys (set in the YAML file" in helped.stdout and "method.temperature" in helped.stdout

@@ -59,6 +59,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
+    def format_help(self) -> str:
+        if self.epilog == _CONFIG_KEYS:  # listed only when asked for: it imports every method (and torch)
+            from kdlab.config_keys import config_keys_help
+
+            self.epilog = "config keys (set in the YAML file or as key.sub=value):\n" + config_keys_help()
+        return super().format_help()
+
+
+_CONFIG_KEYS = "\0config keys\0"  # a command's epilog placeholder, filled in by _Parser.format_help
+
 
 DEBUG_FLAG = "--debug"
 
@@ -85,16 +95,13 @@ def _int_at_least(text: str, low: int, what: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_commands()
-    from kdlab.config_keys import config_keys_help
-
-    epilog = "config keys (set in the YAML file or as key.sub=value):\n" + config_keys_help()
     parser = _Parser(prog="kdlab", description="Knowledge distillation of classifiers.")
     parser.add_argument(DEBUG_FLAG, action="store_true", help="on an error, also print the Python traceback")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         cmd = COMMANDS.get(name)
         p = sub.add_parser(
-            name, help=cmd.help, description=cmd.help, epilog=epilog if cmd.config_epilog else None,
+            name, help=cmd.help, description=cmd.help, epilog=_CONFIG_KEYS if cmd.config_epilog else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
         cmd.add_arguments(p)

@@ -90,8 +90,9 @@ class DataConfig(_Strict):
     )  # fmt: skip
     mean: tuple[float, float, float] | None = Field(None, description="streamed images: channel means")
     std: tuple[float, float, float] | None = Field(None, description="streamed images: channel stds")
-    skip_bad_images: bool = Field(False, description="imagefolder / webdataset: skip and count unreadable images "
-                                  "(corrupt, truncated, too large, not a regular file), do not stop")
+    skip_bad_images: bool = Field(False, description="streamed data (imagefolder, webdataset, a user Dataset): skip "
+                                  "and count unreadable or invalid samples (corrupt, truncated, too large, not a regular "
+                                  "file, wrong shape, non-finite), do not stop")
     decoder: str = Field("auto", description="streamed images: auto (simplejpeg when installed, else pillow) | "
                          "pillow | simplejpeg; the same pixels, a speed choice only (kdlab.data.decode)")
     reduced_decode: bool = Field(True, description="streamed images: decode a JPEG at the largest DCT reduction "

@@ -44,8 +44,15 @@ def _args(recipe: Path, method: str, out: Path) -> list[str]:
 
 
 def _child(args: list[str]) -> None:  # runs in a forked process (modules already imported: no start-up cost)
+    import threading
+
+    from tqdm import tqdm
+
     from kdlab.cli import main
 
+    # tqdm's write lock is a process-shared semaphore inherited through the fork: a child SIGKILLed while holding it
+    # would leave the parent's next progress bar waiting forever. The child takes a lock of its own.
+    tqdm.set_lock(threading.RLock())
     os._exit(main(args))
 
 

@@ -87,7 +87,7 @@ def test_hostile_file_one_line_exit_2_nothing_changed(case, tmp_path, run, teach
     def fill(text: object) -> str:
         return str(text).format(run=run, t=tmp_path, teacher=teacher_run)
 
-    (tmp_path / "child.yaml").write_text(f"base: base.yaml\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
     (tmp_path / "cifar").mkdir()
     (tmp_path / "cifar" / "test.npz").write_bytes(b"")
     (tmp_path / "cifar-100-python").mkdir()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import re
-import sys
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterable

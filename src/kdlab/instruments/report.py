@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path

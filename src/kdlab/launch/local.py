@@ -18,7 +18,7 @@ from typing import IO
 from kdlab.config import LauncherConfig
 from kdlab.errors import KdlabError
 from kdlab.launch import records
-from kdlab.launch.base import LaunchTask, Launcher, OnEnd, Submission, TaskEnd, blocked_by, check_tasks
+from kdlab.launch.base import LaunchTask, Launcher, OnEnd, Submission, TaskEnd, blocked_by
 from kdlab.signals import SIGTERM_EXIT
 
 #: exit codes of a process that was stopped (SIGTERM, Ctrl-C, SIGKILL), not one that failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,27 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory, _mnist1d_cache) -> Pat
     cfg = load_config(CONFIGS / "mnist1d" / "teacher_cnn.yaml", SMALL + ["train.epochs=3"])
     run(cfg, out)
     return out
+
+
+@pytest.fixture
+def no_hang():
+    """If a reader regresses, the test fails instead of taking CI down with it: a read that blocks (a FIFO opened the
+    plain way) is stopped after 60 s, and the process may not grow by more than 2 GiB (reading /dev/zero whole would
+    fill the machine's memory — the 22.9 GiB of the issue — before failing)."""
+    import resource
+
+    def hung(signum, frame):
+        raise TimeoutError("blocked on a file")
+
+    status = Path("/proc/self/status").read_text()
+    data_kib = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmData:")))
+    limits = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (data_kib * 1024 + (2 << 30), limits[1]))
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_DATA, limits)

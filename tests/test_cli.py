@@ -495,7 +495,7 @@ CASES = {
                                                    "--out", RUN, "--overwrite"], "data.urls lists no train shards"),
     "webdataset: pipe: shards without --trust-code": (lambda t: ["train", CE, "data.name=webdataset", "data.urls={train: 'pipe:cat a.tar', "
                                                                  "val: 'pipe:cat b.tar'}", "--out", RUN, "--overwrite"],
-                                                      "pipe: URLs run code, so they need --trust-code"),
+                                                      "data.urls runs shell commands ('pipe:cat a.tar')"),
     "export-images: zero shard size": (lambda t: ["export-images", _cifar(t), "--out", t / "s", "--format", "webdataset",
                                                   "--shard-size", "0"], "--shard-size must be at least 1"),
     "export-images: an image folder as PNGs": (lambda t: ["export-images", _images(t), "--out", t / "s"],

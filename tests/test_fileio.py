@@ -5,7 +5,6 @@ that grows while it is read; the limits table in docs/run_folders.md is the code
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,30 +13,6 @@ from kdlab import fileio
 from kdlab.errors import KdlabError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def no_hang():
-    """If a reader regresses, the test fails instead of taking CI down with it: a read that blocks (a FIFO opened the
-    plain way) is stopped after 60 s, and the process may not grow by more than 2 GiB (reading /dev/zero whole would
-    fill the machine's memory — the 22.9 GiB of the issue — before failing)."""
-    import resource
-
-    def hung(signum, frame):
-        raise TimeoutError("blocked on a file")
-
-    status = Path("/proc/self/status").read_text()
-    data_kib = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmData:")))
-    limits = resource.getrlimit(resource.RLIMIT_DATA)
-    resource.setrlimit(resource.RLIMIT_DATA, (data_kib * 1024 + (2 << 30), limits[1]))
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-        resource.setrlimit(resource.RLIMIT_DATA, limits)
 
 
 def _readers(path: Path) -> dict[str, object]:

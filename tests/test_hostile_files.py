@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, SMALL
-from test_fileio import no_hang  # noqa: F401  (a fixture: a blocked read fails, never hangs)
 
 CE = CONFIGS / "mnist1d" / "student_ce.yaml"
 KD = CONFIGS / "mnist1d" / "student_kd.yaml"

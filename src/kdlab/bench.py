@@ -321,7 +321,7 @@ def run_bench(
     from kdlab.engine import checkpoint as ck
     from kdlab.engine.atomic import sha256_file
     from kdlab.engine.teacher_cache import build_cache
-    from kdlab.engine.trainer import select_device
+    from kdlab.engine.objective import select_device
     from kdlab.models import build
 
     dev = select_device(device)

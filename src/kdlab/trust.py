@@ -136,10 +136,11 @@ def _allow(name: str, refusal: str) -> None:
 
 
 def allow_shell(what: str, text: str) -> None:
-    """Shell text a config hands to a scheduler (``launcher.setup`` lines, a ``launcher.python`` command) runs only
-    with ``--trust-code``: a recipe or a run folder from someone else must not run commands on your cluster."""
-    _allow(f"{what}: {text}", f"{what} makes the job run shell commands ({text!r}); kdlab runs shell text named in a "
-                              f"config only with {_FLAG} (or {TRUST_ENV}=1)")  # fmt: skip
+    """Shell text in a config (``launcher.setup`` lines, a ``launcher.python`` command, ``pipe:`` shard URLs in
+    ``data.urls``) runs only with ``--trust-code``: a recipe or a run folder from someone else must not run commands
+    on your machine or your cluster."""
+    _allow(f"{what}: {text}", f"{what} runs shell commands ({text!r}); kdlab runs shell text named in a config "
+                              f"only with {_FLAG} (or {TRUST_ENV}=1)")  # fmt: skip
 
 
 # ---- where code may come from ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from kdlab.data import build_dataset
     from kdlab.engine import checkpoint as ck
     from kdlab.engine.evaluation import evaluate_split
-    from kdlab.engine.trainer import select_device
+    from kdlab.engine.objective import select_device
     from kdlab.models import build
     from kdlab.models.convert import read_weights
     from kdlab.trust import distrust_folder

@@ -29,15 +29,26 @@ from kdlab.engine.distributed import DistInfo, init_distributed, shard, sync_bat
 from kdlab.engine.evaluation import evaluate_split
 from kdlab.engine.fastpath import FastPath
 from kdlab.engine.meter import StepMeter
+from kdlab.engine.objective import (
+    Objective,
+    check_model_fits_data,
+    features,
+    select_device,
+)
 from kdlab.engine.optim import build_optimizer, set_epoch_hyperparameters
+from kdlab.engine.progress import epoch_line, show_running_losses
+from kdlab.engine.record import RunRecord
 from kdlab.engine.resume import (
-    check_cache_inputs, check_same_config, extend_epochs, integrity_record, load_resume_state,
+    check_cache_inputs,
+    check_same_config,
+    extend_epochs,
+    integrity_record,
+    load_resume_state,
 )
 from kdlab.engine.rundir import MetricsLog, check_out_dir, clear_run, open_run_folder
 from kdlab.engine.schedule import lr_at
 from kdlab.engine.teacher_cache import TeacherCache, cache_refusal
 from kdlab.engine.teachers import load_teacher, teacher_fingerprint
-from kdlab.engine.progress import epoch_line, show_running_losses
 from kdlab.engine.trackers import build_trackers
 from kdlab.errors import ConfigError, KdlabError, warn
 from kdlab.methods import Method, build_method
@@ -55,66 +66,6 @@ class NonFiniteLossError(KdlabError):
 class RunResult:
     out_dir: Path
     summary: dict[str, Any]
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
-    return dev
-
-
-def _features(model: nn.Module, x: torch.Tensor) -> ModelOutput:
-    return model.forward_features(x)  # type: ignore[operator]
-
-
-class Objective(nn.Module):
-    """Student + method as one module, so that DistributedDataParallel syncs the gradients of both."""
-
-    def __init__(self, student: nn.Module, method: Method, forward: Callable | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.method = method
-        # the student's forward_features, compiled on the fast path; the method's losses (which may read the Python
-        # int epoch) stay outside the compiled graph, so a new epoch never recompiles
-        self._forward = forward or student.forward_features
-        # buffers each rank keeps in sync itself (CRD's memory): DistributedDataParallel leaves them alone
-        self._ddp_params_and_buffers_to_ignore = [f"method.{n}" for n in method.ddp_local_buffers]
-
-    def forward(
-        self, x: torch.Tensor, teacher: ModelOutput | None, target: torch.Tensor, epoch: int,
-        x_strong: torch.Tensor | None = None, teacher_strong: ModelOutput | None = None,
-        index: torch.Tensor | None = None,
-    ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:  # fmt: skip
-        s_out = self._forward(x)
-        extra: dict[str, object] = {"index": index} if self.method.needs_index else {}
-        if x_strong is None:
-            return s_out, self.method.losses(s_out, teacher, target, epoch, **extra)
-        strong = (self._forward(x_strong), teacher_strong)  # separate forwards, as two-view methods do
-        return s_out, self.method.losses(s_out, teacher, target, epoch, strong=strong, **extra)
-
-
-def check_model_fits_data(model: nn.Module, example: torch.Tensor, data: DataSource, what: str) -> None:
-    """One forward of an example batch before anything is written: a model that cannot read the data's inputs
-    (image data for a 1-D model, wrong channel count) or predicts another number of classes is a one-line error."""
-    was_training = model.training
-    model.eval()  # no running-statistics update, no dropout draw: the run is unchanged by this check
-    try:
-        with torch.no_grad():
-            logits = _features(model, example).logits
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"{what} does not accept the inputs of dataset '{data.name}' (one sample: shape "
-            f"{list(example.shape[1:])}, {str(example.dtype).removeprefix('torch.')}): {first}"
-        ) from None
-    finally:
-        model.train(was_training)
-    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
-        raise ConfigError(f"{what} predicts logits of shape {list(logits.shape[1:])} per sample but dataset "
-                          f"'{data.name}' has {data.num_classes} classes")  # fmt: skip
 
 
 class Trainer:
@@ -275,7 +226,7 @@ class Trainer:
 
         def predict(x: torch.Tensor) -> torch.Tensor:  # the training fast path: memory format and autocast
             with self._autocast():
-                return self.method.predict(_features(self.student, self.fast.inputs(x)))
+                return self.method.predict(features(self.student, self.fast.inputs(x)))
 
         return evaluate_split(predict, self.data, split, self.cfg.train.eval_batch_size)
 
@@ -399,10 +350,8 @@ class Trainer:
             if not self.resume:  # first: from here on a signal leaves a folder that `--resume` starts at epoch 1
                 save_config(cfg, self.out / "config.yaml")
         metrics = MetricsLog(self.out)
-        start, best_acc, best_epoch, wall, imgs, train_time = 0, -1.0, 0, 0.0, 0, 0.0
-        teacher_acc = teacher_top5 = best_top5 = None
-        sel = self.eval_splits[0]  # the split choosing the best epoch (best.safetensors)
-        best_val: list = [-1.0, None, 0]  # best val epoch (acc, top-5, epoch) when the val split is not `sel`
+        start, sel = 0, self.eval_splits[0]  # the split choosing the best epoch (best.safetensors)
+        record = RunRecord(sel)
         teacher_sha = teacher_fingerprint(cfg.teacher) if cfg.teacher is not None and self.teacher is not None else None
         state = load_resume_state(self.out, teacher_sha, self.log, self.warn) if self.resume else None
         self.dist.barrier()  # every rank has read and verified the folder before rank 0 rewrites config.yaml below
@@ -410,19 +359,15 @@ class Trainer:
             extend_epochs(self.out, cfg.train.epochs, self.log)
         if state is not None:
             self._restore(state)
-            m = state.meta
-            start, best_acc, best_epoch = m["epoch"], m["best_acc"], m["best_epoch"]
-            wall, imgs, train_time, teacher_acc = m["wall_time_s"], m["train_images"], m["train_time_s"], m["teacher_acc"]
-            best_top5, teacher_top5 = m.get("best_top5"), m.get("teacher_top5")
-            best_val = m.get("best_val", best_val)
+            start, record = state.meta["epoch"], RunRecord.restore(sel, state.meta)
             self.log(f"resuming {self.out} after epoch {start}")
         else:
             if main:
                 save_config(cfg, self.out / "config.yaml")
             if self.teacher is not None:
-                teacher_acc, teacher_top5 = self._teacher_accuracy()
-                self.log(f"teacher {cfg.teacher.name} {sel} accuracy {teacher_acc:.2f}% "  # type: ignore[union-attr]
-                         f"(top-5 {teacher_top5:.2f}%)")
+                record.teacher_acc, record.teacher_top5 = self._teacher_accuracy()
+                self.log(f"teacher {cfg.teacher.name} {sel} accuracy {record.teacher_acc:.2f}% "  # type: ignore[union-attr]
+                         f"(top-5 {record.teacher_top5:.2f}%)")
         pre = self.method.pre_epochs  # a method's pre-phase runs first, as epochs 1 − pre … 0 (checkpoints count on)
         start -= pre
         if main:
@@ -444,30 +389,18 @@ class Trainer:
             evs = {split: self.evaluate(split) for split in self.eval_splits}
             for split, e in evs.items():
                 row.update({f"{split}_acc": e["acc"], f"{split}_top5": e["top5"], f"{split}_loss": e["loss"]})
-            ev = evs[sel]
-            if sel != "val" and "val" in evs and epoch > 0 and evs["val"]["acc"] > best_val[0]:
-                best_val = [evs["val"]["acc"], evs["val"]["top5"], epoch]
             for cb in self.callbacks:
                 row.update(cb.on_epoch_end(self, epoch))
             dt = time.perf_counter() - t0
-            wall += dt
-            train_time += t_train
-            imgs += self.data.num_train
             row.update(epoch_time_s=round(dt, 3), images_per_s=round(self.data.num_train / t_train, 1))
-            improved = epoch > 0 and ev["acc"] > best_acc
-            if improved:
-                best_acc, best_epoch, best_top5 = ev["acc"], epoch, ev["top5"]
+            improved = record.observe(epoch, evs, dt, t_train, self.data.num_train)
             if main:
                 if improved:
                     ck.save_weights(self.out / "best.safetensors", self.student.state_dict())
                 metrics.append(row)
                 for cb in self.callbacks:
                     cb.on_epoch_row(self, row)
-                meta = dict(
-                    best_acc=best_acc, best_epoch=best_epoch, wall_time_s=wall, train_images=imgs,
-                    train_time_s=train_time, teacher_acc=teacher_acc, world_size=self.dist.world, **integrity,
-                    best_top5=best_top5, teacher_top5=teacher_top5, best_val=best_val,
-                )  # fmt: skip
+                meta = record.meta(world_size=self.dist.world, **integrity)
                 ck.save_train_state(ckpt_dir, epoch + pre, self._state(epoch + pre, meta), keep=cfg.train.keep_checkpoints)
             self.dist.barrier()
             for cb in self.callbacks:
@@ -476,35 +409,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         finals = {split: self.evaluate(split) for split in self.eval_splits}
-        final = finals.get("test", {})
-        summary = {
-            "model": cfg.model.name,
-            "method": cfg.method.name,
-            "teacher": cfg.teacher.name if cfg.teacher else None,
-            "teacher_test_acc": teacher_acc if sel == "test" else None,
-            "teacher_test_top5": teacher_top5 if sel == "test" else None,
-            "dataset": cfg.data.name,
-            "seed": cfg.seed,
-            "epochs": cfg.train.epochs,
-            "final_test_acc": final.get("acc"),
-            "final_test_top5": final.get("top5"),
-            "best_test_acc": best_acc if sel == "test" else None,
-            "best_test_top5": best_top5 if sel == "test" else None,  # of the best-top-1 epoch (best.safetensors)
-            "best_epoch": best_epoch,
-            "num_params": num_params(self.student),
-            "wall_time_s": round(wall, 2),
-            "train_images_per_s": round(imgs / train_time, 1) if train_time else None,
-            "device": str(self.device),
-            "world_size": self.dist.world,
-            "environment": environment.record(),  # packages, CPU and ISA, threads, torch build (kdlab.environment)
-        }
-        if "val" in finals:  # which split each number used: test_* never saw tuning, val_* is held out of train
-            if sel == "val":
-                best_val = [best_acc, best_top5, best_epoch]
-                summary.update(teacher_val_acc=teacher_acc, teacher_val_top5=teacher_top5)
-            summary.update(final_val_acc=finals["val"]["acc"], final_val_top5=finals["val"]["top5"],
-                           best_val_acc=best_val[0], best_val_top5=best_val[1], best_val_epoch=best_val[2])
-            summary["selected_on"] = sel
+        summary = record.summary(
+            cfg, finals, num_params=num_params(self.student), device=str(self.device), world_size=self.dist.world,
+            environment=environment.record(),  # packages, CPU and ISA, threads, torch build (kdlab.environment)
+        )  # fmt: skip
+        if "val" in finals:
             summary["val_split"] = getattr(self.data, "record", None)  # sizes, seed, digest (data/holdout.py)
         if trusted:
             summary["trusted_code"] = trusted

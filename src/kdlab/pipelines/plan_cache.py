@@ -88,7 +88,7 @@ def ensure_teacher_cache(cfg: RunConfig, root: Path, log: Callable[[str], None] 
     from kdlab.engine.fastpath import FastPath
     from kdlab.engine.teacher_cache import TeacherCache, build_cache
     from kdlab.engine.teachers import load_teacher, teacher_fingerprint
-    from kdlab.engine.trainer import select_device
+    from kdlab.engine.objective import select_device
     from kdlab.methods import METHODS
 
     sha = teacher_fingerprint(cfg.teacher)

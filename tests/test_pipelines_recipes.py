@@ -3,14 +3,14 @@ and method and exits 0, on a tiny fake CIFAR-100 folder and teacher checkpoints 
 
 from __future__ import annotations
 
-import time
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, skip_weight_init
 
 CIFAR = CONFIGS / "cifar100"
 
@@ -78,17 +78,20 @@ def _overrides(path: Path, fake_cifar: Path, checkpoints) -> list[str]:
     return ov
 
 
-@pytest.fixture
-def no_weight_init(monkeypatch):
-    """Skip random weight initialisation (≈ half the cost of building the zoo's models on CPU): a dry run checks
-    that recipes build and fit together, not the values of the initial weights."""
-    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "xavier_uniform_", "xavier_normal_",
-                 "trunc_normal_", "orthogonal_"):
-        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, **k: t)
+def _dry_run(args: list[str]) -> tuple[int, str, str]:
+    """One ``kdlab … --dry-run`` in a pool worker: exit code, stdout, stderr."""
+    import contextlib
+    import io
 
-
-def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init, tmp_path, capsys):
     from kdlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init, tmp_path):
     from kdlab.config import read_recipe, read_yaml
     from kdlab.methods import METHODS
     from kdlab.pipelines.spec import is_spec, load_plan
@@ -96,18 +99,16 @@ def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init,
     recipes = _recipes()
     scanned = {p.resolve() for p in recipes}
     assert len(recipes) > 200  # the paper families (see docs/studies.md)
-    failures, slow = [], []
+    failures, jobs = [], []
     for i, path in enumerate(recipes):
         raw = read_yaml(path)
-        ov = _overrides(path, fake_cifar, checkpoints)
+        ov = _overrides(path, fake_cifar, checkpoints)  # teacher checkpoints are made here, before the workers start
         stages = raw.get("stages") if is_spec(raw) else None
         if stages and len(stages) > 20 and all((path.parent / st["recipe"]).resolve() in scanned for st in stages):
             # a whole table as a chain of recipes that are each dry-run here (logit_std/table2_with_teachers: 117
             # stages): its wiring is checked by expanding every run's config (teachers injected), not by building
             # every model a second time; small chains are dry-run as they are
-            t0 = time.perf_counter()
             tasks = load_plan(path, overrides=ov).expand(tmp_path / f"p{i}")
-            slow.append((time.perf_counter() - t0, path.name))
             assert len(tasks) >= len(stages) and not (tmp_path / f"p{i}").exists()
             continue
         if is_spec(raw):
@@ -117,12 +118,13 @@ def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init,
             method = (read_recipe(path).get("method") or {}).get("name", "ce")
             cmd = "distill" if METHODS.get(method).needs_teacher else "train"
             args = [cmd, path, *ov, "--dry-run", "--out", tmp_path / f"r{i}"]
-        t0 = time.perf_counter()
-        code = main(args)
-        slow.append((time.perf_counter() - t0, path.name))
-        out = capsys.readouterr()
-        if code != 0 or "dry run ok" not in out.out:
-            failures.append(f"{path.relative_to(CIFAR)}: exit {code}: {out.err.strip()[-300:]}")
+        jobs.append((path, [str(a) for a in args]))
+    # CI's two cores: two worker processes (each dry run is single-threaded), about half the wall time of one
+    with multiprocessing.get_context("spawn").Pool(2, initializer=skip_weight_init) as pool:
+        results = pool.map(_dry_run, [args for _, args in jobs], chunksize=4)
+    for (path, _), (code, out, err) in zip(jobs, results):
+        if code != 0 or "dry run ok" not in out:
+            failures.append(f"{path.relative_to(CIFAR)}: exit {code}: {err.strip()[-300:]}")
     assert not failures, "\n".join(failures)
     assert not any(tmp_path.iterdir()), "a dry run wrote into its --out folder"
 

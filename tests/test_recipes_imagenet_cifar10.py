@@ -62,13 +62,6 @@ def fake_torchvision_teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture
-def no_weight_init(monkeypatch):
-    """Skip random initialisation (a dry run checks that recipes build and fit, not initial values)."""
-    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "xavier_uniform_", "trunc_normal_"):
-        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, **k: t)
-
-
 def _dry_run(path: Path, overrides: list[str], out: Path, capsys) -> str | None:
     from kdlab.cli import main
     from kdlab.config import read_recipe
@@ -140,7 +133,7 @@ def test_every_cifar10_recipe_dry_runs(fake_cifar10, no_weight_init, tmp_path, c
             path = tmp_path / "teachers" / f"{teacher}.safetensors"
             if not path.exists():
                 path.parent.mkdir(exist_ok=True)
-                state = build(teacher, num_classes=10).state_dict()  # zeros: init is skipped (no_weight_init)
+                state = build(teacher, num_classes=10).state_dict()  # zeros: init is zero-filled (no_weight_init)
                 ck.save_weights(path, {k: torch.zeros_like(v) for k, v in state.items()})
             ov.append(f"teacher.checkpoint={path}")
         if f := _dry_run(p, ov, tmp_path / f"r{i}", capsys):

@@ -135,3 +135,26 @@ def no_weight_init(monkeypatch):
 
     for name in INIT_FUNCTIONS:
         monkeypatch.setattr(torch.nn.init, name, _zero_fill)
+
+
+def _dry_run_in_worker(args: list[str]) -> tuple[int, str, str]:
+    """One ``kdlab … --dry-run`` in a pool worker: exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from kdlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def dry_runs_in_two_workers(commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    """Run many ``kdlab`` commands (dry runs, each single-threaded) in two spawned worker processes whose weight
+    initialisation is zero-filled: CI's two cores, about half the wall time of one process. The workers inherit this
+    process's environment."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2, initializer=skip_weight_init) as pool:
+        return pool.map(_dry_run_in_worker, commands, chunksize=4)

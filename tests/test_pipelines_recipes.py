@@ -3,14 +3,13 @@ and method and exits 0, on a tiny fake CIFAR-100 folder and teacher checkpoints 
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, skip_weight_init
+from conftest import CONFIGS, dry_runs_in_two_workers
 
 CIFAR = CONFIGS / "cifar100"
 
@@ -78,19 +77,6 @@ def _overrides(path: Path, fake_cifar: Path, checkpoints) -> list[str]:
     return ov
 
 
-def _dry_run(args: list[str]) -> tuple[int, str, str]:
-    """One ``kdlab … --dry-run`` in a pool worker: exit code, stdout, stderr."""
-    import contextlib
-    import io
-
-    from kdlab.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init, tmp_path):
     from kdlab.config import read_recipe, read_yaml
     from kdlab.methods import METHODS
@@ -119,9 +105,7 @@ def test_every_cifar100_recipe_dry_runs(fake_cifar, checkpoints, no_weight_init,
             cmd = "distill" if METHODS.get(method).needs_teacher else "train"
             args = [cmd, path, *ov, "--dry-run", "--out", tmp_path / f"r{i}"]
         jobs.append((path, [str(a) for a in args]))
-    # CI's two cores: two worker processes (each dry run is single-threaded), about half the wall time of one
-    with multiprocessing.get_context("spawn").Pool(2, initializer=skip_weight_init) as pool:
-        results = pool.map(_dry_run, [args for _, args in jobs], chunksize=4)
+    results = dry_runs_in_two_workers([args for _, args in jobs])
     for (path, _), (code, out, err) in zip(jobs, results):
         if code != 0 or "dry run ok" not in out:
             failures.append(f"{path.relative_to(CIFAR)}: exit {code}: {err.strip()[-300:]}")

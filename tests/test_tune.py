@@ -267,10 +267,12 @@ GOOD, BAD = 0.1, 0.000001  # lr: epoch-1 val top-1 >= 20 % here, or stuck at cha
 PARALLEL_SPACE = [f"optim.lr=choice({GOOD}, {BAD})", "optim.momentum=uniform(0.8,0.95)"]
 
 
-def _seed_where_worker_0_draws_good_then_bad(trials: int) -> int:
-    """A --seed whose worker 0 (seeded by kdlab.tune.worker.run_worker from the seed, its index and the trials in
-    the study when it starts: 0, or 1 if worker 1 asked first) draws a good lr, then a bad one. Its bad trial then
-    starts after a good trial has completed, so the median pruner (after 1 trial) must prune it at epoch 1."""
+def _seed_where_each_worker_draws_good_then_bad(trials: int) -> int:
+    """A --seed whose two workers (each seeded by kdlab.tune.worker.run_worker from the seed, its index and the
+    trials in the study when it starts: 0, or 1 if the other worker asked first) both draw a good lr, then a bad one.
+    Whatever the scheduling, the first bad trial to report epoch 1 then finds only good trials completed (each
+    worker's own first trial is one), so the median pruner (after 1 trial) must prune it. (A worker that starts only
+    after the other has claimed two trials changes nothing: that other worker's bad second trial is pruned.)"""
     import optuna
 
     from kdlab.seeding import derive_seed
@@ -279,13 +281,14 @@ def _seed_where_worker_0_draws_good_then_bad(trials: int) -> int:
     quiet_optuna()
     params = parse_space(PARALLEL_SPACE)
     spec = TuneSpec(base={}, recipe={}, space=PARALLEL_SPACE, trials=trials, startup_trials=trials)
-    for seed in range(100):
-        draws = []
-        for before in (0, 1):
-            sampler = SAMPLERS.get("tpe")(spec, derive_seed(seed, "sampler", 0, before) % 2**32)
-            study = optuna.create_study(sampler=sampler, direction="maximize")
-            draws.append([study.ask({p.key: p.distribution() for p in params}).params["optim.lr"] for _ in range(2)])
-        if all(d == [GOOD, BAD] for d in draws):
+
+    def draws(seed: int, worker: int, before: int) -> list[float]:
+        sampler = SAMPLERS.get("tpe")(spec, derive_seed(seed, "sampler", worker, before) % 2**32)
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        return [study.ask({p.key: p.distribution() for p in params}).params["optim.lr"] for _ in range(2)]
+
+    for seed in range(5000):
+        if all(draws(seed, worker, before) == [GOOD, BAD] for worker in (0, 1) for before in (0, 1)):
             return seed
     raise AssertionError("no seed found")
 
@@ -294,7 +297,7 @@ def test_two_parallel_workers_share_one_study_prune_and_write_a_ready_recipe(tmp
     """4 trials by 2 local worker processes in one study; the region of the space where the student cannot learn
     (lr 1e-6) is pruned by the median pruner; best.yaml is a recipe `kdlab train --dry-run` accepts."""
     out = tmp_path / "study"
-    seed = _seed_where_worker_0_draws_good_then_bad(4)
+    seed = _seed_where_each_worker_draws_good_then_bad(4)
     r = run_kdlab("tune", CE, *TINY, "train.epochs=2", *(a for s in PARALLEL_SPACE for a in ("--space", s)),
                   "--trials", "4", "--parallel", "2", "--startup-trials", "4", "--pruner-startup", "1",
                   "--seed", seed, "--out", out)  # fmt: skip

@@ -12,7 +12,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("submitit")
 
 from optuna.trial import TrialState  # noqa: E402
-from test_tune import BAD, CE, PARALLEL_SPACE, TINY, _seed_where_worker_0_draws_good_then_bad, _trials  # noqa: E402
+from test_tune import BAD, CE, PARALLEL_SPACE, TINY, _seed_where_each_worker_draws_good_then_bad, _trials  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_two_slurm_workers_complete_the_study_and_prune(tmp_path, slurm_conf, mo
     monkeypatch.setenv("SLURM_CONF", slurm_conf)
     monkeypatch.setenv("KDLAB_SLURM_POLL_S", "1")
     out = tmp_path / "study"
-    seed = _seed_where_worker_0_draws_good_then_bad(4)
+    seed = _seed_where_each_worker_draws_good_then_bad(4)
     r = run_kdlab("tune", CE, *TINY, "train.epochs=2", *(a for s in PARALLEL_SPACE for a in ("--space", s)),
                   "--trials", "4", "--parallel", "2", "--launcher", "slurm", "--startup-trials", "4",
                   "--pruner-startup", "1", "--seed", seed, "--out", out, cwd=tmp_path)  # fmt: skip

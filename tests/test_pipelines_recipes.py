@@ -1,5 +1,5 @@
 """Every CIFAR-100 recipe and study spec validates: ``kdlab train/distill/sweep/chain --dry-run`` builds data, models
-and method and exits 0, on a tiny fake CIFAR-100 folder and teacher checkpoints made here (random weights)."""
+and method and exits 0, on a tiny fake CIFAR-100 folder and teacher checkpoints made here (untrained)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def fake_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
-    """A random-weights .safetensors per architecture, made on first use."""
+    """A teacher .safetensors per architecture, made on first use (its randomly initialised weights zero-filled)."""
     from kdlab.engine import checkpoint as ck
     from kdlab.models import build
 
@@ -46,10 +46,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
         if arch not in made:
             torch.manual_seed(0)
             made[arch] = folder / f"{arch}.safetensors"
-            # under `no_weight_init` the weights are uninitialised memory: make them finite (teachers are checked)
-            state = {k: torch.nan_to_num(v).clamp(-1, 1) if v.is_floating_point() else v
-                     for k, v in build(arch, num_classes=100).state_dict().items()}  # fmt: skip
-            ck.save_weights(made[arch], state)
+            # under `no_weight_init` the randomly initialised weights are zeros (finite, as teachers must be)
+            ck.save_weights(made[arch], build(arch, num_classes=100).state_dict())
         return made[arch]
 
     return get

@@ -320,8 +320,8 @@ def run_bench(
     """Measure every mode (warm-up epoch, then ``rounds`` interleaved timed epochs); returns rows and ratios."""
     from kdlab.engine import checkpoint as ck
     from kdlab.engine.atomic import sha256_file
-    from kdlab.engine.teacher_cache import build_cache
     from kdlab.engine.objective import select_device
+    from kdlab.engine.teacher_cache import build_cache
     from kdlab.models import build
 
     dev = select_device(device)

@@ -35,9 +35,9 @@ def cache_teacher(args: argparse.Namespace) -> int:
     from kdlab.config import load_config
     from kdlab.data import build_dataset
     from kdlab.engine.fastpath import FastPath
+    from kdlab.engine.objective import select_device
     from kdlab.engine.teacher_cache import build_cache, check_store
     from kdlab.engine.teachers import load_teacher, teacher_fingerprint
-    from kdlab.engine.objective import select_device
 
     out = check_output_file(args.out, args.overwrite)  # before any view is computed
     if args.views < 1 or args.batch_size < 1:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,8 +35,9 @@ RUN_FILES = (
 )  # fmt: skip
 RUN_DIRS = ("checkpoints", "analysis", "tensorboard", "wandb")  # the last two: kdlab.engine.trackers.TRACKER_DIRS
 LOCK_NAME = ".kdlab.lock"
+PLAN_LOCK = ".kdlab-pipeline.lock"  # held by the process working on a sweep/chain plan folder
 #: files that hold a folder's lock, not results (an otherwise empty folder holding one counts as empty)
-LOCK_FILES = (LOCK_NAME, ".kdlab-pipeline.lock")
+LOCK_FILES = (LOCK_NAME, PLAN_LOCK)
 
 
 def open_lock_file(path: Path, create: bool = True) -> Any:
@@ -55,6 +57,20 @@ def open_lock_file(path: Path, create: bool = True) -> Any:
         raise KdlabError(f"lock file {path} is not a regular file; remove it (kdlab's lock is a plain file)")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "r+", errors="replace")
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` (opened by :func:`open_lock_file`), waiting for it.
+    Like the run-folder lock it dies with its holder: a process killed while holding it never blocks the others."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no lock
+        yield
+        return
+    with open_lock_file(path) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 class FolderBusyError(KdlabError):

@@ -196,7 +196,7 @@ class SlurmLauncher(Launcher):
 
     def check(self, tasks: Sequence[LaunchTask]) -> None:
         check_tasks(tasks)
-        for s in {id(self._settings(t)): self._settings(t) for t in tasks}.values():
+        for s in {id(s): s for s in map(self._settings, tasks)}.values():
             for line in s.setup:
                 allow_shell("launcher.setup", line)
             if s.python:

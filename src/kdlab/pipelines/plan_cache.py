@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import RunConfig, validate
-from kdlab.engine.rundir import open_lock_file
+from kdlab.engine.rundir import waiting_lock
 from kdlab.errors import KdlabError
 
 CACHE_DIR = ".teacher_cache"
@@ -65,13 +65,7 @@ def with_cache(cfg: RunConfig, out: Path, views: int) -> RunConfig:
 def _build_lock(path: Path) -> Iterator[None]:
     """Hold ``PATH.lock`` (blocking): one process builds a cache, the others wait and then find it built."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: no lock
-        yield
-        return
-    with open_lock_file(path.with_name(path.name + ".lock")) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with waiting_lock(path.with_name(path.name + ".lock")):
         yield
 
 
@@ -86,9 +80,9 @@ def ensure_teacher_cache(cfg: RunConfig, root: Path, log: Callable[[str], None] 
 
     from kdlab.data import build_dataset
     from kdlab.engine.fastpath import FastPath
+    from kdlab.engine.objective import select_device
     from kdlab.engine.teacher_cache import TeacherCache, build_cache
     from kdlab.engine.teachers import load_teacher, teacher_fingerprint
-    from kdlab.engine.objective import select_device
     from kdlab.methods import METHODS
 
     sha = teacher_fingerprint(cfg.teacher)

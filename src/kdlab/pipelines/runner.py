@@ -29,7 +29,7 @@ from typing import Any
 
 from kdlab.config import LauncherConfig, RunConfig, read_yaml, validate
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.engine.rundir import entries, is_run_dir, open_lock_file
+from kdlab.engine.rundir import PLAN_LOCK, entries, is_run_dir, open_lock_file
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.launch import LAUNCH_DIR, LaunchTask, TaskEnd, get_launcher
 from kdlab.pipelines.plan import Task
@@ -39,7 +39,6 @@ TRAIN_EVAL = "train_eval.json"
 #: keys that may differ between a run's saved config.yaml and the plan (they do not change results)
 VOLATILE = {"train.progress", "train.threads", "train.device", "meta", "launcher"}
 WORKER = "kdlab.pipelines.worker"
-PLAN_LOCK = ".kdlab-pipeline.lock"  # held by the process working on a plan folder
 
 Log = Callable[[str], None]
 

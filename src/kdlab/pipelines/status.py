@@ -14,12 +14,12 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlab.engine.rundir import LOCK_NAME, is_run_dir
+from kdlab.engine.rundir import LOCK_NAME, PLAN_LOCK, is_run_dir
 from kdlab.errors import KdlabError
 from kdlab.launch import LAUNCH_DIR
 from kdlab.launch import records as rec
 from kdlab.launch.status import STATES, TaskStatus, task_statuses
-from kdlab.pipelines.runner import PLAN_LOCK, RUN_TASK, TRAIN_EVAL
+from kdlab.pipelines.runner import RUN_TASK, TRAIN_EVAL
 
 
 @dataclass

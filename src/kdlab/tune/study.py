@@ -24,13 +24,13 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from kdlab.engine.atomic import atomic_write_text
-from kdlab.engine.rundir import open_lock_file
+from kdlab.engine.rundir import open_lock_file, waiting_lock
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.registry import Registry
 from kdlab.seeding import derive_seed
@@ -182,16 +182,10 @@ def open_study(out: Path, spec: TuneSpec, sampler_seed: int | None = None, creat
         raise KdlabError(f"{out / JOURNAL} holds no study '{STUDY_NAME}'") from None
 
 
-@contextlib.contextmanager
-def claim(out: Path) -> Iterator[None]:
-    """Hold the study's claim lock: ``flock`` on ``OUT/claim.lock``, waiting for it. Like kdlab's run-folder lock it
-    dies with its holder (a worker killed while claiming never blocks the others; NFSv4 keeps such locks on the
-    server)."""
-    import fcntl
-
-    with open_lock_file(out / "claim.lock") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def claim(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The study's claim lock: ``flock`` on ``OUT/claim.lock``, waiting for it. Like kdlab's run-folder lock it dies
+    with its holder (a worker killed while claiming never blocks the others; NFSv4 keeps such locks on the server)."""
+    return waiting_lock(out / "claim.lock")
 
 
 class WorkerLock:

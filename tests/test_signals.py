@@ -35,11 +35,11 @@ def pause():
     time.sleep(600)  # the test's signal arrives here
 
 
-if moment == "first epoch":  # config.yaml written, epoch 1 training
+if moment in ("first epoch", "second epoch"):  # config.yaml written, epoch 1 (or 2: epoch 1's checkpoint kept) training
     import kdlab.engine.trainer as tr
     real_epoch = tr.Trainer.train_epoch
     def train_epoch(self, epoch):
-        if epoch == 1:
+        if epoch == (1 if moment == "first epoch" else 2):
             pause()
         return real_epoch(self, epoch)
     tr.Trainer.train_epoch = train_epoch
@@ -60,6 +60,9 @@ elif moment == "cache write":  # the cache's header and first tensor are in its 
         pause()
     tc.CacheWriter.write = write_tensor
 
+if sys.argv[1:2] == ["--worker"]:  # what a launcher starts: python -m kdlab.pipelines.worker JOB.json
+    from kdlab.pipelines.worker import main
+    sys.exit(main(sys.argv[2:]))
 from kdlab.cli import entry
 
 sys.argv = ["kdlab", *sys.argv[1:]]
@@ -131,6 +134,27 @@ def test_a_signal_before_the_first_checkpoint_keeps_the_run(tmp_path, reference,
     assert not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir())
     assert main(["train", "--resume", "--out", out]) == 0  # the recorded config alone
     assert f"no epoch of {out} had finished; starting it from epoch 1" in capsys.readouterr().err
+    assert _epochs(out) == [1, 2] and _same_weights(out, reference)
+
+
+def test_a_time_limit_s_two_stop_signals_stop_the_worker_once(tmp_path, reference):
+    """A Slurm time limit sends the worker two stop signals within milliseconds: the scheduler's SIGUSR2 (to every
+    process of the job step) and the launcher's SIGTERM. The first stops the run resumably; the second is absorbed:
+    on the old main it either killed the worker in its cleanup (exit -15) or printed CPython's "Signal 15 ignored due
+    to race condition" traceback. The same job file then resumes after epoch 1 and ends as an uninterrupted run."""
+    from kdlab.config import load_config
+    from kdlab.pipelines.runner import write_job
+
+    out, job = tmp_path / "run", tmp_path / "job.json"
+    write_job(job, load_config(CE, SMALL), out, None, "run")
+    proc, _ = _start(tmp_path, "second epoch", "--worker", job)
+    os.kill(proc.pid, signal.SIGUSR2)
+    assert _stop(proc, signal.SIGTERM) == (143, ["kdlab: terminated (stopped resumably; the last epoch checkpoint is "
+                                                 "kept)"])  # fmt: skip
+    assert _epochs(out) == [1] and _temps(out) == []
+    again = subprocess.run([sys.executable, "-m", "kdlab.pipelines.worker", str(job)], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0 and f"resuming {out}" in again.stdout, again.stderr[-2000:]
     assert _epochs(out) == [1, 2] and _same_weights(out, reference)
 
 

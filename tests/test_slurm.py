@@ -2,16 +2,21 @@
 
 Every scenario is submitted when the module starts, so the jobs run side by side while the local reference runs are
 computed here: a 2×2 sweep with one job requeued mid-run (``scontrol requeue``) equals the local sweep run for run;
-a run hitting its time limit is requeued and ends bit-identical to an uninterrupted run; a teacher → student chain
+a run hitting its time limit (shortened by ``scontrol update`` once the run has a checkpoint, the run frozen
+until the limit's signal reaches it: Slurm sends that signal on a 30 s timer, too early or too late for a fixed limit
+on a loaded machine) is requeued and ends bit-identical to an uninterrupted run; a teacher → student chain
 keeps its order and ``--status`` shows pending, running, done, failed and cancelled runs; a 2-task srun run equals
 the 1-process run with ``train.sync_bn=true``; bad input is one line, exit 2, nothing submitted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +34,7 @@ TEACHER = CONFIGS / "mnist1d" / "teacher_cnn.yaml"
 STUDENT = CONFIGS / "mnist1d" / "student_kd.yaml"
 COMMON = ["train.batch_size=50", "train.threads=1", "train.progress=false"]
 SWEEP = ["data.num_samples=2000", "train.epochs=10", *COMMON]  # ~1 s an epoch: time to requeue one mid-run
-LONG = ["data.num_samples=4000", "train.epochs=30", *COMMON]  # ~1 min: longer than the first time-limit signal
+LONG = ["data.num_samples=4000", "train.epochs=30", *COMMON]  # ~15 s; frozen by the test until its time-limit signal
 SMALL = ["data.num_samples=1000", "train.epochs=2", *COMMON]
 GRID = ["--grid", "optim.lr=0.05,0.1", "--seeds", "2"]
 
@@ -104,6 +109,48 @@ def submitted(slurm_cluster, tmp_path_factory):  # noqa: F811
         except Exception as err:  # reported by the test
             requeued["error"] = repr(err)
 
+    limited: dict[str, object] = {}
+
+    def hit_the_time_limit_mid_run() -> None:
+        """Once the run has a checkpoint: freeze it (SIGSTOP), shorten its job's time limit so that the warning
+        signal is due at once (Slurm sends it at its next 30 s check, ``signal_delay_s`` before the limit), let the
+        run go on (SIGCONT) once the signal reaches it, and give the job back its 10 minutes for the
+        requeued attempt. The limit is ``E + 60`` s rounded up to a minute (``E``: the job's elapsed time): the signal
+        comes at most 30 s later and the 30 s stop (``signal_delay_s / 3``) still ends before the kill."""
+        run, pid = d["limit"], 0
+        try:
+            # epoch 2 in metrics.jsonl: epoch 1's checkpoint is complete (each epoch's line precedes its checkpoint)
+            wait_for("epoch 2 of the time-limited run", lambda: epochs_done(run) >= 2, every=0.2)
+            (state,) = (run / ".kdlab-launch" / "tasks").glob("*.state.json")
+            pid, job = json.loads(state.read_text())["pid"], job_of(run, state.name[: -len(".state.json")])
+            os.kill(pid, signal.SIGSTOP)
+            limited.update(job=job, epoch=epochs_done(run))
+            info = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+            h, m, sec = map(int, re.search(r"RunTime=(\d+):(\d+):(\d+)", info).groups())
+            limit = -(-(h * 3600 + m * 60 + sec + 60) // 60)
+            subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], check=True, capture_output=True)
+
+            def signalled() -> bool:  # the warning reached the run: a stop signal pending (a hex mask with bit
+                # signal - 1), or the run gone already (slurmstepd may send SIGCONT with the signals it delivers)
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except FileNotFoundError:
+                    return True
+                mask = int(re.search(r"ShdPnd:\s*([0-9a-f]+)", status).group(1), 16)
+                stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGUSR2 - 1))
+                return bool(mask & stops) or re.search(r"State:\s*[ZX]", status) is not None
+
+            wait_for("the time limit's signal", signalled, timeout=120, every=0.1)
+            restore = ["scontrol", "update", f"JobId={job}", "TimeLimit=10"]  # retried while the job is completing
+            wait_for("the restored time limit", lambda: subprocess.run(restore, capture_output=True).returncode == 0)
+            limited["limit_min"] = limit
+        except Exception as err:  # reported by the test
+            limited["error"] = repr(err)
+        finally:
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     chain_seen: dict[str, set[str]] = {}
     chain_lines: list[str] = []
 
@@ -127,10 +174,12 @@ def submitted(slurm_cluster, tmp_path_factory):  # noqa: F811
     watcher.start()
     chain_watcher = threading.Thread(target=watch_and_cancel_chain, daemon=True)
     chain_watcher.start()
+    limit_watcher = threading.Thread(target=hit_the_time_limit_mid_run, daemon=True)
+    limit_watcher.start()
     commands = {
         "sweep": ["sweep", TEACHER, *SWEEP, *GRID, "--out", d["sweep"], "--launcher", "slurm"],
-        "limit": ["train", TEACHER, *LONG, "--out", d["limit"], "--launcher", "slurm", "launcher.time=1",
-                  "launcher.signal_delay_s=10"],
+        "limit": ["train", TEACHER, *LONG, "--out", d["limit"], "--launcher", "slurm", "launcher.time=10",
+                  "launcher.signal_delay_s=90"],
         "chain": ["chain", spec, "--out", d["chain"], "--launcher", "slurm"],
         "ddp": ["train", TEACHER, *SMALL, "train.sync_bn=true", "--out", d["ddp"], "--launcher", "slurm",
                 "launcher.tasks_per_node=2"],
@@ -142,6 +191,7 @@ def submitted(slurm_cluster, tmp_path_factory):  # noqa: F811
         assert p.returncode == 0, (k, err[-2000:])
     d["base"], d["watcher"], d["requeued"] = base, watcher, requeued
     d["chain_watcher"], d["chain_seen"], d["chain_lines"] = chain_watcher, chain_seen, chain_lines
+    d["limit_watcher"], d["limited"] = limit_watcher, limited
     yield d
     from kdlab.pipelines import cancel_plan
 
@@ -183,9 +233,14 @@ def test_time_limit_requeues_and_ends_bit_identical(submitted, cli, one_thread, 
     out = submitted["limit"]
     ref = tmp_path / "ref"
     assert cli("train", TEACHER, *LONG, "--out", ref, "--quiet") == 0  # the uninterrupted run, meanwhile
+    submitted["limit_watcher"].join(timeout=400)
+    limited = submitted["limited"]
+    assert "limit_min" in limited and "error" not in limited, f"the time limit was not hit mid-run: {limited}"
     wait_for("the time-limited run", lambda: (out / "summary.json").exists() and not queued(f"kdlab:{out.name}"))
     log = (out / ".kdlab-launch" / "run.log").read_text()
-    assert "attempt 2" in log and "resuming" in log, log
+    assert "attempt 2" in log and "Traceback" not in log, log
+    resumed = int(re.search(r"resuming \S+ after epoch (\d+)", log).group(1))
+    assert resumed >= limited["epoch"] - 1 >= 1, (resumed, limited)  # its last checkpoint when frozen
     sub = "\n".join(p.read_text() for p in (out / ".kdlab-launch" / "slurm").glob("*_log.out"))
     assert "timed-out" in sub and "Requeued job" in sub, sub[-2000:]
     assert weights(out) == weights(ref)

@@ -8,8 +8,8 @@ a requeued Slurm job, a sweep started again after a kill — resumes exactly and
 run folder's lock keeps a second writer out.
 
 SIGTERM, SIGUSR1 and SIGUSR2 (a scheduler's preemption or time-limit warning) stop the run resumably: the last epoch
-checkpoint stays, the worker exits with 143. It also exits when its parent process goes away, so killing a local
-sweep never leaves orphan runs writing into the plan folder.
+checkpoint stays, the worker exits with 143; stop signals after the first are absorbed. It also exits when its
+parent process goes away, so killing a local sweep never leaves orphan runs writing into the plan folder.
 """
 
 from __future__ import annotations
@@ -34,13 +34,20 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _stop_resumably() -> None:
-    """SIGTERM, SIGUSR1 and SIGUSR2 raise :class:`~kdlab.signals.Terminated` (the first one; a second ends at once)."""
+    """SIGTERM, SIGUSR1 and SIGUSR2 raise :class:`~kdlab.signals.Terminated` once; later ones are absorbed.
+
+    A time limit on Slurm delivers two stop signals within milliseconds (the scheduler's SIGUSR2 to every process of
+    the job step, then the launcher's SIGTERM): the second must neither kill the worker in the middle of its cleanup
+    nor raise into it. A worker that does not stop is killed by its launcher (SIGKILL after ``stop_s``)."""
     from kdlab.signals import Terminated
 
+    stopping = False
+
     def handler(signum: int, frame: FrameType | None) -> None:
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, signal.SIG_DFL)
-        raise Terminated()
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Terminated()
 
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, handler)

@@ -69,6 +69,19 @@ def test_slurm_request_of_a_launcher_section():
         get_launcher(s, jobs=3)
 
 
+@pytest.mark.parametrize(("time", "delay", "asked"), [(None, 120, 120), ("1-02:00:00", 120, 120), (10, 120, 120),
+                                                      (2, 120, 40), (1, 120, 20), ("00:00:30", 120, 20),
+                                                      (1, 10, 10)])  # fmt: skip
+def test_the_requeue_signal_leaves_a_short_limit_time_to_run(time, delay, asked):
+    """Slurm sends the signal up to 30 s early: the default 120 s with a 1-minute limit would stop every attempt
+    before its first epoch (requeues without progress), so the delay asked is at most a third of the limit."""
+    pytest.importorskip("submitit")
+    from kdlab.launch.slurm import executor_parameters
+
+    s = LauncherConfig(name="slurm", time=time, signal_delay_s=delay)
+    assert s.requeue_signal_s == asked and executor_parameters(s, "kdlab:x")["signal_delay_s"] == asked
+
+
 @pytest.mark.parametrize("text, minutes", [(90, 90), ("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-0", 1440),
                                            ("1-2:30", 1590), ("2-00:00:01", 2881)])  # fmt: skip
 def test_slurm_time_formats(text, minutes):

@@ -422,6 +422,14 @@ class LauncherConfig(_Strict):
     def time_minutes(self) -> int | None:
         return None if self.time is None else slurm_minutes(self.time)
 
+    @property
+    def requeue_signal_s(self) -> int:
+        """The signal delay asked of Slurm: ``signal_delay_s``, at most a third of the time limit. Slurm sends the
+        signal up to 30 s before it is due, so a delay as long as a short limit (the default 120 s with ``time=1``)
+        would stop every attempt before its first epoch: requeues without progress until ``max_timeouts``."""
+        t = self.time_minutes
+        return self.signal_delay_s if t is None else min(self.signal_delay_s, t * 60 // 3)
+
 
 class RunConfig(_Strict):
     """Everything a ``kdlab train`` or ``kdlab distill`` run needs."""

@@ -8,8 +8,9 @@ should a real submission still be refused, the jobs submitted before it are canc
 
 On a node, each job runs :class:`SlurmTask`: the task's command (``python -m kdlab ...``, the same as on the local
 launcher) as a child process, its output appended to the task's log. Jobs ask for ``SIGUSR2`` ``signal_delay_s``
-seconds before their time limit; submitit catches it, calls :meth:`SlurmTask.checkpoint` (which stops the kdlab
-process resumably: SIGTERM, the last epoch checkpoint is kept) and requeues the job with ``scontrol requeue``, at most
+seconds before their time limit (at most a third of the limit: ``LauncherConfig.requeue_signal_s``); submitit
+catches it, calls :meth:`SlurmTask.checkpoint` (which stops the kdlab process resumably: SIGTERM, the last epoch
+checkpoint is kept) and requeues the job with ``scontrol requeue``, at most
 ``max_timeouts`` times for time limits (preemptions do not count). A requeued job (also ``scontrol requeue`` by an
 admin, or a preemption with requeue) runs the same command again, which resumes from the last checkpoint: the run's
 folder lock keeps a second writer out. With ``nodes`` × ``tasks_per_node`` > 1, srun starts one process per task
@@ -122,7 +123,7 @@ def executor_parameters(s: LauncherConfig, job_name: str, dependency: str | None
         extra.update(dependency=dependency, **{"kill-on-invalid-dep": "yes"})
     extra.update(s.additional)
     p: dict[str, Any] = {
-        "job_name": job_name, "nodes": s.nodes, "ntasks_per_node": tasks, "signal_delay_s": s.signal_delay_s,
+        "job_name": job_name, "nodes": s.nodes, "ntasks_per_node": tasks, "signal_delay_s": s.requeue_signal_s,
         "array_parallelism": s.array_parallelism, "stderr_to_stdout": True, "additional_parameters": extra,
     }  # fmt: skip
     optional = {"partition": s.partition, "time": s.time_minutes, "cpus_per_task": s.cpus_per_task,
@@ -250,7 +251,7 @@ class SlurmLauncher(Launcher):
         s = self._settings(t)
         if s.python and argv and argv[0] == sys.executable:
             argv = [*shlex.split(s.python), *argv[1:]]
-        stop_s = max(5.0, min(60.0, s.signal_delay_s / 3))  # the signal comes up to 30 s early, the kill on time
+        stop_s = max(5.0, min(60.0, s.requeue_signal_s / 3))  # the signal comes up to 30 s early, the kill on time
         return SlurmTask(t.name, argv, str(Path(t.log).absolute()), str(folder), env, stop_s)
 
 

@@ -144,3 +144,49 @@ def test_launcher_values_are_one_line(kw):
     """Each value lands on an #SBATCH line: a line break would add a shell line to the job script."""
     with pytest.raises(ValueError, match="must be one line"):
         LauncherConfig(name="slurm", **kw)
+
+
+@pytest.mark.parametrize(
+    ("prints", "after_s", "stalls", "requeued_with"),
+    [
+        ("starting", 0.0, 1, None),  # a second attempt in a row without an epoch at the limit: not requeued
+        ("starting", 0.0, 0, 1),  # the first: requeued, counted
+        ("epoch 1/30  loss 1.3822", 0.0, 1, 0),  # an epoch finished: requeued, the count starts again
+        ("starting", 3600.0, 1, 0),  # stopped well before the limit (a preemption): requeued, not counted
+    ],
+)
+def test_a_time_limit_too_short_for_one_epoch_ends_the_requeues(tmp_path, prints, after_s, stalls, requeued_with):
+    """A job whose attempts reach the time limit before an epoch finishes would be requeued without progress until
+    launcher.max_timeouts: the second such attempt in a row ends it, saying why in the task's log."""
+    pytest.importorskip("submitit")
+    import threading
+    import time
+
+    from kdlab.launch.slurm import SlurmTask, TaskFailed
+
+    log = tmp_path / "run.log"
+    code = f"import time; print({prints!r}, flush=True); time.sleep(120)"
+    task = SlurmTask("run", _py(code), str(log), str(tmp_path / "launch"), {}, stop_s=5.0, timeout_after_s=after_s,
+                     stalls=stalls)  # fmt: skip
+    ended: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            task()
+        except TaskFailed as err:  # stopped by the checkpoint's SIGTERM
+            ended.append(err)
+
+    runner = threading.Thread(target=attempt)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while prints not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.05)
+    delayed = task.checkpoint()
+    runner.join(timeout=60)
+    assert ended and not runner.is_alive()
+    if requeued_with is None:
+        assert delayed is None
+        assert "kdlab: error: not requeued: 2 attempts in a row reached the time limit" in log.read_text()
+    else:
+        assert delayed.function.stalls == requeued_with and delayed.function.timeout_after_s == after_s

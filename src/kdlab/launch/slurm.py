@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -53,18 +54,24 @@ class TaskFailed(RuntimeError):
 class SlurmTask(Checkpointable):
     """What a Slurm job runs: the task's command as a child process (see the module docstring)."""
 
+    #: attempts in a row that reached their time limit before an epoch finished, after which the job is not requeued
+    MAX_STALLS = 2
+
     def __init__(self, name: str, argv: Sequence[str], log: str, folder: str, env: dict[str, str],
-                 stop_s: float = 60.0) -> None:  # fmt: skip
+                 stop_s: float = 60.0, timeout_after_s: float | None = None, stalls: int = 0) -> None:  # fmt: skip
         self.name, self.argv, self.log, self.folder, self.env = name, list(argv), log, folder, dict(env)
         self.stop_s = stop_s  # how long the command may take to stop before it is killed (then the requeue)
+        self.timeout_after_s = timeout_after_s  # a stop signal this long into an attempt is the time limit's
+        self.stalls = stalls  # attempts in a row that reached the time limit without finishing an epoch
         self._proc: subprocess.Popen | None = None
         self._prog: records.Progress | None = None
+        self._log_from, self._t0 = 0, time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_prog")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_prog", "_log_from", "_t0")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _proc=None, _prog=None)
+        self.__dict__.update(state, _proc=None, _prog=None, _log_from=0, _t0=time.monotonic())
 
     def __call__(self) -> int:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
@@ -76,6 +83,7 @@ class SlurmTask(Checkpointable):
         with open(log, "a") as logf:
             print(f"--- slurm job {job_id} attempt {attempt + 1} on {os.uname().nodename} (rank {rank}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}", file=logf, flush=True)  # fmt: skip
+            self._log_from, self._t0 = logf.tell(), time.monotonic()
             self._proc = proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, env={**os.environ, **self.env})  # fmt: skip
             prog = records.started(folder, self.name, proc.pid, job_id, attempt) if rank == 0 else None
@@ -107,7 +115,28 @@ class SlurmTask(Checkpointable):
             prog = getattr(self, "_prog", None)
             if prog is not None and proc.returncode is not None:
                 records.ended(Path(self.folder), self.name, prog, proc.returncode)
-        return DelayedSubmission(SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s))
+        stalls = self.stalls + 1 if self._stalled() else 0
+        if stalls >= self.MAX_STALLS:  # submitit then ends the job (FAILED) instead of requeueing it
+            with contextlib.suppress(OSError), open(self.log, "a") as logf:
+                print(f"kdlab: error: not requeued: {stalls} attempts in a row reached the time limit before an "
+                      f"epoch finished; raise launcher.time", file=logf, flush=True)  # fmt: skip
+            return None
+        task = SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s, self.timeout_after_s,
+                         stalls)  # fmt: skip
+        return DelayedSubmission(task)
+
+    def _stalled(self) -> bool:
+        """Whether this attempt reached its time limit (not a preemption: it ran ``timeout_after_s`` at least) without
+        an ``epoch k/N`` line in its log: requeued again, it would get no further."""
+        if self.timeout_after_s is None or time.monotonic() - self._t0 < self.timeout_after_s:
+            return False
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_from)
+                text = f.read(16 << 20).decode("utf-8", "replace")
+        except OSError:
+            return False
+        return re.search(r"^epoch -?\d+/\d+ ", text, re.MULTILINE) is None
 
 
 def _job_id() -> str:
@@ -252,7 +281,9 @@ class SlurmLauncher(Launcher):
         if s.python and argv and argv[0] == sys.executable:
             argv = [*shlex.split(s.python), *argv[1:]]
         stop_s = max(5.0, min(60.0, s.requeue_signal_s / 3))  # the signal comes up to 30 s early, the kill on time
-        return SlurmTask(t.name, argv, str(Path(t.log).absolute()), str(folder), env, stop_s)
+        # Slurm signals up to 30 s early; 15 s more for the job's start before the attempt's clock starts
+        after = None if s.time_minutes is None else max(0.0, 60.0 * s.time_minutes - s.requeue_signal_s - 45)
+        return SlurmTask(t.name, argv, str(Path(t.log).absolute()), str(folder), env, stop_s, after)
 
 
 def describe(s: LauncherConfig) -> str:

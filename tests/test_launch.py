@@ -3,6 +3,7 @@ launcher section makes, time-limit parsing and the srun rendezvous taken from Sl
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -159,34 +160,47 @@ def test_a_time_limit_too_short_for_one_epoch_ends_the_requeues(tmp_path, prints
     """A job whose attempts reach the time limit before an epoch finishes would be requeued without progress until
     launcher.max_timeouts: the second such attempt in a row ends it, saying why in the task's log."""
     pytest.importorskip("submitit")
+    import signal
     import threading
     import time
 
-    from kdlab.launch.slurm import SlurmTask, TaskFailed
+    from kdlab.launch.slurm import SlurmTask
 
     log = tmp_path / "run.log"
     code = f"import time; print({prints!r}, flush=True); time.sleep(120)"
     task = SlurmTask("run", _py(code), str(log), str(tmp_path / "launch"), {}, stop_s=5.0, timeout_after_s=after_s,
                      stalls=stalls)  # fmt: skip
-    ended: list[BaseException] = []
+    got: list = []
 
-    def attempt() -> None:
-        try:
+    class Requeue(Exception):  # what submitit does after the checkpoint: requeue or end, leaving the task's call
+        pass
+
+    def on_signal(signum, frame):  # as submitit: the requeue signal's handler runs in the task's (main) thread
+        got.append(task.checkpoint())
+        raise Requeue
+
+    def send_once_printed() -> None:
+        deadline = time.monotonic() + 60
+        while prints not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    old = signal.signal(signal.SIGUSR2, on_signal)
+    try:
+        threading.Thread(target=send_once_printed, daemon=True).start()
+        with pytest.raises(Requeue):
             task()
-        except TaskFailed as err:  # stopped by the checkpoint's SIGTERM
-            ended.append(err)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    (delayed,) = got
+    from kdlab.launch import records
 
-    runner = threading.Thread(target=attempt)
-    runner.start()
-    deadline = time.monotonic() + 60
-    while prints not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and runner.is_alive()
-        time.sleep(0.05)
-    delayed = task.checkpoint()
-    runner.join(timeout=60)
-    assert ended and not runner.is_alive()
+    records.record_submission(tmp_path / "launch", "local", "run", log, [], None)  # the status read without a queue
+    statuses, _ = task_statuses(tmp_path / "launch")
     if requeued_with is None:
         assert delayed is None
         assert "kdlab: error: not requeued: 2 attempts in a row reached the time limit" in log.read_text()
+        assert statuses["run"].state == "failed" and "raise launcher.time" in statuses["run"].detail
     else:
         assert delayed.function.stalls == requeued_with and delayed.function.timeout_after_s == after_s
+        assert statuses["run"].state == "cancelled"  # stopped resumably, to be requeued

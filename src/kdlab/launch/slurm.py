@@ -86,22 +86,22 @@ class SlurmTask(Checkpointable):
             self._log_from, self._t0 = logf.tell(), time.monotonic()
             self._proc = proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, env={**os.environ, **self.env})  # fmt: skip
-            prog = records.started(folder, self.name, proc.pid, job_id, attempt) if rank == 0 else None
-            self._prog = prog
+            self._prog = records.started(folder, self.name, proc.pid, job_id, attempt) if rank == 0 else None
             # polled, never a blocking wait(): the requeue signal's handler (checkpoint) polls the same process, and a
             # wait() it interrupted would hold the lock those polls need
             while (rc := proc.poll()) is None:
                 time.sleep(0.5)
-        if prog is not None:
-            records.ended(folder, self.name, prog, rc)
+        if self._prog is not None:  # (unless the requeue signal's handler recorded the end)
+            records.ended(folder, self.name, self._prog, rc)
         if rc != 0:
             raise TaskFailed(f"{self.name}: exited with code {rc} (log: {log})")
         return rc
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
         """Before the requeue: stop the kdlab process (SIGTERM; it keeps its last epoch checkpoint), killing it if it
         has not stopped within ``stop_s`` (its files are written atomically), so that the requeue happens before
-        Slurm's own kill at the time limit. The requeued job runs the same command."""
+        Slurm's own kill at the time limit. The requeued job runs the same command; ``None`` (no requeue, the task
+        failed) after :attr:`MAX_STALLS` attempts in a row stopped at the limit before an epoch finished."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             for sig, patience in ((signal.SIGTERM, self.stop_s), (signal.SIGKILL, 5.0)):
@@ -112,14 +112,18 @@ class SlurmTask(Checkpointable):
                     time.sleep(0.1)
                 if proc.returncode is not None:
                     break
-            prog = getattr(self, "_prog", None)
-            if prog is not None and proc.returncode is not None:
-                records.ended(Path(self.folder), self.name, prog, proc.returncode)
         stalls = self.stalls + 1 if self._stalled() else 0
+        rc = None if proc is None else proc.returncode
         if stalls >= self.MAX_STALLS:  # submitit then ends the job (FAILED) instead of requeueing it
             with contextlib.suppress(OSError), open(self.log, "a") as logf:
                 print(f"kdlab: error: not requeued: {stalls} attempts in a row reached the time limit before an "
                       f"epoch finished; raise launcher.time", file=logf, flush=True)  # fmt: skip
+            rc = 1  # the task failed, not "stopped": --status says so, with the line above
+        prog = getattr(self, "_prog", None)
+        if prog is not None and rc is not None:
+            records.ended(Path(self.folder), self.name, prog, rc)
+            self._prog = None  # recorded once
+        if stalls >= self.MAX_STALLS:
             return None
         task = SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s, self.timeout_after_s,
                          stalls)  # fmt: skip

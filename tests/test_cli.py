@@ -390,7 +390,8 @@ CASES = {
     # -- other commands: bad paths and bad numbers (§8)
     "eval missing weights": (lambda t: ["eval", t / "none.safetensors"], "checkpoint not found"),
     "eval a FIFO": (lambda t: ["eval", _fifo(t)], "is a FIFO (named pipe), not a regular file"),
-    "eval a bad split": (lambda t: ["eval", RUN, "--split", "val"], "invalid choice: 'val'"),
+    "eval a bad split": (lambda t: ["eval", RUN, "--split", "dev"], "invalid choice: 'dev'"),
+    "eval --split val without a val split": (lambda t: ["eval", RUN, "--split", "val"], "holds out no val split"),
     "analyze a non-run": (lambda t: ["analyze", t], "is not a kdlab run directory"),
     "analyze zero samples": (lambda t: ["analyze", RUN, "--max-samples", "0"], "--max-samples: must be a positive integer, got 0"),
     "analyze negative t-SNE": (lambda t: ["analyze", RUN, "--tsne-samples", "-1"], "--tsne-samples: must be an integer >= 0, got -1"),

@@ -243,6 +243,12 @@ def test_in_process_study_never_reads_the_test_split(tmp_path, monkeypatch, one_
         assert cfg["data"]["read_test"] is False and cfg["data"]["val_split"] == 0.1
         assert summary["teacher_val_acc"] is not None and summary["teacher_test_acc"] is None
     best = max(_trials(out), key=lambda t: t.value)
+    run = out / best.user_attrs["run_dir"]  # `kdlab eval --split val` gives the trial's own number, test stays closed
+    capsys.readouterr()
+    assert main(["eval", run, "--split", "val", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["split"] == "val" and got["n"] == 80 and got["acc"] == pytest.approx(best.value, abs=1e-9)
+    assert main(["eval", run]) == 2 and "data.read_test=true reads it" in capsys.readouterr().err
     recipe = yaml.safe_load((out / "best.yaml").read_text())
     assert recipe["method"]["temperature"] == best.params["method.temperature"]
     assert recipe["method"]["kd_weight"] == best.params["method.kd_weight"]

@@ -15,7 +15,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "(read weights-only)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.add_argument("--config", help="recipe describing data and model (default: the run directory's config.yaml)")
-    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to evaluate (default: test)")
+    p.add_argument("--split", choices=("test", "train", "val"), default="test",
+                   help="which split to evaluate (default: test; val: the part of the training set data.val_split "
+                   "holds out, as a tuning trial measured it)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
@@ -38,6 +40,9 @@ def evaluate(args: argparse.Namespace) -> int:
         if not config.is_file():
             raise KdlabError("--config is required unless CHECKPOINT is a kdlab run directory")
     cfg = load_config(config, args.overrides)
+    if args.split == "val" and not cfg.data.val_split:
+        raise KdlabError("--split val: this config holds out no val split (data.val_split is 0); give the run's "
+                         "data.val_split and data.val_seed as overrides")  # fmt: skip
     device = select_device(cfg.train.device)
     data = build_dataset(cfg.data).to(device)
     model = build(cfg.model, num_classes=data.num_classes)

@@ -108,6 +108,10 @@ class LocalSubmission(Submission):
         for p, (t, _, logf, prog) in list(self._running.items()):
             with contextlib.suppress(Exception):
                 p.wait(timeout=30)
+            if p.returncode is None:  # it did not stop (a worker absorbs stop signals after the first): kill it
+                with contextlib.suppress(Exception):
+                    p.kill()
+                    p.wait(timeout=10)
             if p.returncode is not None:
                 records.ended(self.folder, t.name, prog, p.returncode)
             logf.close()

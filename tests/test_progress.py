@@ -94,3 +94,15 @@ def test_torchrun_only_rank0_prints_and_logs(tmp_path: Path) -> None:
         "epoch 1/2", "epoch 2/2"
     ]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("epoch", [3, 0, -1])  # -1, 0: a method's pre-phase epochs
+def test_the_epoch_line_pattern_finds_what_epoch_line_writes(epoch):
+    """The Slurm launcher tells an attempt that made progress from one that did not by EPOCH_LINE in the task's log;
+    it must keep matching what epoch_line prints (and not the progress bar's ``epoch 3/40:`` description)."""
+    from kdlab.engine.progress import EPOCH_LINE, epoch_line
+
+    row = {"epoch": epoch, "train_loss": 0.41, "train_acc": 91.2, "test_acc": 88.4, "test_top5": 99.0, "lr": 0.05,
+           "images_per_s": 5123.0}  # fmt: skip
+    log = f"starting /runs/x\n{epoch_line(row, 40)}\n"
+    assert EPOCH_LINE.search(log) and not EPOCH_LINE.search("starting /runs/x\nepoch 3/40:  12%|#2  |\n")

@@ -7,10 +7,12 @@ run does not wait for the device at every step. Only the process that owns the b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used: the Slurm launcher reads EPOCH_LINE without importing torch
+    import torch
 
 REFRESH_EVERY = 20
 """Steps between two updates of the bar's running losses."""
@@ -22,8 +24,14 @@ def show_running_losses(bar: Any, step: int, sums: Mapping[str, torch.Tensor], s
     if getattr(bar, "disable", True) or not sums or not seen or (step % REFRESH_EVERY and step != 0):
         return
     names = sorted(sums, key=lambda k: (k != "loss", k))
+    import torch
+
     values = torch.stack([sums[k].detach().float().reshape(()) for k in names]).tolist()  # one host sync
     bar.set_postfix({k: f"{v / seen:.4g}" for k, v in zip(names, values)}, refresh=False)
+
+
+EPOCH_LINE = re.compile(r"^epoch -?\d+/\d+  ", re.MULTILINE)
+"""Finds the lines :func:`epoch_line` writes in a log (one per finished epoch; pre-phase epochs are 0 or negative)."""
 
 
 def epoch_line(row: Mapping[str, Any], epochs: int) -> str:

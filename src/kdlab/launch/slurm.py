@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -37,6 +36,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from kdlab.config import LauncherConfig
+from kdlab.engine.progress import EPOCH_LINE
 from kdlab.errors import KdlabError
 from kdlab.launch import records, slurm_queue
 from kdlab.launch.base import LaunchTask, Launcher, OnEnd, Submission, TaskEnd, check_tasks
@@ -113,17 +113,17 @@ class SlurmTask(Checkpointable):
                 if proc.returncode is not None:
                     break
         stalls = self.stalls + 1 if self._stalled() else 0
+        give_up = stalls >= self.MAX_STALLS  # submitit then ends the job (FAILED) instead of requeueing it
         rc = None if proc is None else proc.returncode
-        if stalls >= self.MAX_STALLS:  # submitit then ends the job (FAILED) instead of requeueing it
+        if give_up:
             with contextlib.suppress(OSError), open(self.log, "a") as logf:
                 print(f"kdlab: error: not requeued: {stalls} attempts in a row reached the time limit before an "
                       f"epoch finished; raise launcher.time", file=logf, flush=True)  # fmt: skip
             rc = 1  # the task failed, not "stopped": --status says so, with the line above
-        prog = getattr(self, "_prog", None)
-        if prog is not None and rc is not None:
-            records.ended(Path(self.folder), self.name, prog, rc)
+        if self._prog is not None and rc is not None:
+            records.ended(Path(self.folder), self.name, self._prog, rc)
             self._prog = None  # recorded once
-        if stalls >= self.MAX_STALLS:
+        if give_up:
             return None
         task = SlurmTask(self.name, self.argv, self.log, self.folder, self.env, self.stop_s, self.timeout_after_s,
                          stalls)  # fmt: skip
@@ -140,7 +140,7 @@ class SlurmTask(Checkpointable):
                 text = f.read(16 << 20).decode("utf-8", "replace")
         except OSError:
             return False
-        return re.search(r"^epoch -?\d+/\d+ ", text, re.MULTILINE) is None
+        return EPOCH_LINE.search(text) is None
 
 
 def _job_id() -> str:
